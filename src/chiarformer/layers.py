@@ -1,0 +1,169 @@
+"""The token operators of a CHIAR-Former layer and the pieces they are made of.
+
+- `DCTMixer`: per-token spectral filter iDCT(DCT(x) * w); mixes features, never tokens.
+- `TokenMixer`: Q/K/V/O projections shared by the layer's token-mixing kernels:
+  causal softmax attention (RoPE) and random-feature RBF kernel attention.
+  K and V are computed for every token; Q and the output projection only for the tokens
+  routed to a kernel (sparse execution), so tokens sent to the DCT skip them.
+- `FeedForward`: the FFN every token of a layer shares.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import dct, idct
+
+# Queries are processed in blocks along the sequence so each block only reads the keys up to
+# its last position: a causal mask over gathered queries would otherwise pay for all T keys.
+QUERY_BLOCKS = 4
+# Chunk length of the causal linear-time RBF kernel attention.
+RBF_CHUNK = 64
+
+
+class DCTMixer(nn.Module):
+    """x -> iDCT(DCT(x) * w) along features, w initialised to ones (the identity filter).
+
+    scale=2 reproduces the published operator, whose DCT round trip returns 2x (SPEC §3.3).
+    """
+
+    def __init__(self, d_model: int, scale: float = 1.0):
+        super().__init__()
+        self.filter = nn.Parameter(torch.ones(d_model))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = idct(dct(x) * self.filter)
+        return y * self.scale if self.scale != 1.0 else y
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff)
+        self.down = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x))))
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary position embedding of x (B, H, N, dh) at integer positions pos (B, N) or (N,)."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = pos.to(torch.float32)[..., None] * inv_freq  # (B, N, half) or (N, half)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # broadcast over heads
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class TokenMixer(nn.Module):
+    """Projections plus the two kernels that mix tokens: softmax attention and RBF."""
+
+    def __init__(self, cfg, with_rbf: bool):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.rope_base = cfg.rope_base
+        self.dropout = cfg.dropout
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+        self.rbf_form = cfg.rbf
+        if with_rbf:
+            # Fixed Gaussian frequencies: E[cos(w.(q - k))] = exp(-gamma |q - k|^2 / 2).
+            freqs = torch.randn(self.head_dim, cfg.rbf_features) * math.sqrt(cfg.rbf_gamma)
+            self.register_buffer("rbf_freqs", freqs)
+
+    # ------------------------------------------------------------------ projections
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def keys_values(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE'd keys and values (B, H, T, dh) for every token of x (B, T, d)."""
+        k, v = self.kv(x).chunk(2, dim=-1)
+        return rope(self.heads(k), pos, self.rope_base), self.heads(v)
+
+    def queries(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return rope(self.heads(self.q(x)), pos, self.rope_base)
+
+    def project_out(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, dh) head outputs -> (B, N, d)."""
+        b, _, n, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+    # ------------------------------------------------------------------ kernels
+    def attend(self, q, k, v, q_pos, key_mask, causal: bool) -> torch.Tensor:
+        """Softmax attention of queries at positions q_pos (B, N) over keys 0..Tk-1.
+
+        Causal: query at position p sees keys 0..p. key_mask (B, Tk) marks real (non-pad) keys.
+        """
+        dropout = self.dropout if self.training else 0.0
+        n_q, n_k = q.shape[2], k.shape[2]
+        full_causal = causal and key_mask is None and n_q == n_k and q_pos.dim() == 1
+        if full_causal:  # every position queries: the fused causal kernel
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        if not causal:
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        q_pos = q_pos.expand(q.shape[0], n_q) if q_pos.dim() == 1 else q_pos
+        key_pos = torch.arange(n_k, device=q.device)
+        blocks = QUERY_BLOCKS if n_q >= 4 * QUERY_BLOCKS else 1
+        outputs = []
+        for block in torch.arange(n_q, device=q.device).tensor_split(blocks):
+            lo, hi = int(block[0]), int(block[-1]) + 1
+            block_pos = q_pos[:, lo:hi]  # ascending within each row
+            last_key = int(block_pos.max()) + 1  # no query of the block sees beyond this
+            mask = key_pos[:last_key] <= block_pos[:, :, None]  # (B, n, last_key)
+            if key_mask is not None:
+                mask = mask & key_mask[:, None, :last_key]
+            outputs.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, lo:hi], k[:, :, :last_key], v[:, :, :last_key], attn_mask=mask[:, None], dropout_p=dropout
+                )
+            )
+        return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+
+    def rbf_features(self, x: torch.Tensor) -> torch.Tensor:
+        proj = x @ self.rbf_freqs.to(x.dtype)
+        return torch.cat([proj.cos(), proj.sin()], dim=-1) / math.sqrt(self.rbf_freqs.shape[1])
+
+    def rbf(self, q, k, v, key_mask, causal: bool) -> torch.Tensor:
+        """RBF kernel attention for queries at the last q.shape[2] positions of the keys.
+
+        causal_linear: out_t = sum_{s<=t} phi(q_t).phi(k_s) v_s / (t + 1), by chunked prefix
+        sums: O(T R dh) time, O(R dh) state. Random-feature kernel estimates can be negative, so
+        dividing by their sum (as softmax attention does) is unstable; the count is not.
+        reference_quadratic (published): softmax over an unmasked T x T phi(Q) phi(K)^T.
+        """
+        fq, fk = self.rbf_features(q), self.rbf_features(k)
+        if key_mask is not None:
+            fk = fk * key_mask[:, None, :, None].to(fk.dtype)
+        if self.rbf_form == "reference_quadratic":
+            return torch.softmax(fq @ fk.transpose(-1, -2), dim=-1) @ v
+        if not causal:
+            count = k.shape[2] if key_mask is None else key_mask.sum(-1)[:, None, None, None].clamp_min(1)
+            return (fq @ (fk.transpose(-1, -2) @ v)) / count
+        n_q, n_k = q.shape[2], k.shape[2]
+        offset = n_k - n_q  # queries are the last n_q positions (generation with a cache)
+        state = q.new_zeros(q.shape[0], q.shape[1], fk.shape[-1], v.shape[-1])
+        outputs = []
+        for start in range(0, n_k, RBF_CHUNK):
+            stop = min(start + RBF_CHUNK, n_k)
+            if stop > offset:
+                q_lo = max(start, offset)
+                fq_c = fq[:, :, q_lo - offset : stop - offset]
+                scores = fq_c @ fk[:, :, start:stop].transpose(-1, -2)
+                causal_mask = torch.arange(start, stop, device=q.device) <= torch.arange(q_lo, stop, device=q.device)[:, None]
+                outputs.append(fq_c @ state + (scores * causal_mask) @ v[:, :, start:stop])
+            state = state + fk[:, :, start:stop].transpose(-1, -2) @ v[:, :, start:stop]
+        count = torch.arange(offset + 1, n_k + 1, device=q.device, dtype=q.dtype)[:, None]
+        return torch.cat(outputs, dim=2) / count

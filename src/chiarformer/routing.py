@@ -1,0 +1,118 @@
+"""Per-token routing by spectral entropy, and the MetaRouter gate over the first layer.
+
+A router sees each token's hidden vector h and its spectral entropy H(h). Operators are
+ordered by the entropy they serve: DCT (smooth, low H) < RBF < attention (high H).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ATTN, DCT, RBF
+
+ENTROPY_ORDER = (DCT, RBF, ATTN)
+
+
+@dataclass
+class RoutingInfo:
+    """What one layer decided, for every token."""
+
+    ops: torch.Tensor  # (B, T) int64 operator id: 0 = DCT, 1 = attention, 2 = RBF
+    entropy: torch.Tensor  # (B, T) float32 spectral entropy of the router's input
+    probs: torch.Tensor | None = None  # (B, T, n_ops) router probabilities (soft/hard), in `order`
+    order: tuple[int, ...] = ()  # operator ids of the columns of probs
+
+
+@dataclass
+class Decision:
+    ops: torch.Tensor  # (B, T) chosen operator id
+    probs: torch.Tensor | None  # (B, T, n_ops) soft/hard probabilities, None otherwise
+    weight: torch.Tensor | None  # hard: (B, T) straight-through multiplier, == 1 in value
+
+
+class Router(nn.Module):
+    def __init__(self, cfg, ops: tuple[int, ...], taus: tuple[float, ...]):
+        super().__init__()
+        self.mode = cfg.routing
+        self.order = tuple(op for op in ENTROPY_ORDER if op in ops)
+        self.attn_fraction = cfg.attn_fraction
+        self.register_buffer("tau", torch.tensor(taus, dtype=torch.float32))
+        if self.mode in ("soft", "hard"):
+            self.logits = nn.Linear(cfg.d_model + 1, len(self.order))
+
+    def set_tau(self, taus: tuple[float, ...]) -> None:
+        self.tau.copy_(torch.tensor(taus, dtype=torch.float32))
+
+    def forward(self, h: torch.Tensor, entropy: torch.Tensor, key_mask: torch.Tensor | None) -> Decision:
+        order = torch.tensor(self.order, device=h.device)
+        if self.mode == "threshold":
+            # bucketize: H <= tau_0 -> first operator, ..., H > tau_last -> attention
+            return Decision(order[torch.bucketize(entropy, self.tau)], None, None)
+        if self.mode == "topk":
+            return Decision(self.top_k(entropy, key_mask), None, None)
+        features = torch.cat([h, entropy[..., None].to(h.dtype)], dim=-1)
+        probs = torch.softmax(self.logits(features).float(), dim=-1)
+        choice = probs.argmax(-1)
+        weight = None
+        if self.mode == "hard":  # straight-through: value 1, gradient of the chosen probability
+            chosen = probs.gather(-1, choice[..., None])[..., 0]
+            weight = 1.0 + chosen - chosen.detach()
+        return Decision(order[choice], probs, weight)
+
+    def top_k(self, entropy: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """The round(attn_fraction * T) highest-entropy tokens of each sequence go to attention."""
+        t = entropy.shape[1]
+        k = int(round(self.attn_fraction * t))
+        ops = torch.full_like(entropy, DCT, dtype=torch.long)
+        if k == 0:
+            return ops
+        score = entropy if key_mask is None else entropy.masked_fill(~key_mask, -1.0)  # pads last
+        top = score.topk(k, dim=1).indices
+        return ops.scatter(1, top, ATTN)
+
+
+def collapse_penalty(probs: list[torch.Tensor]) -> torch.Tensor:
+    """Minus the entropy of mean operator usage, summed over routed layers.
+
+    Minimising lambda * this pushes usage away from a single operator; it acts on the
+    undetached router probabilities, so it changes the router's gradient.
+    """
+    total = probs[0].new_zeros(())
+    for p in probs:
+        usage = p.reshape(-1, p.shape[-1]).mean(0)
+        total = total + torch.special.xlogy(usage, usage).sum()
+    return total
+
+
+class MetaRouter(nn.Module):
+    """g = sigmoid(Linear(mean of x)); the first layer's output becomes g * layer(x) + (1 - g) * x.
+
+    causal: the mean runs over each sequence's prefix, so position t sees positions <= t only.
+    batch_mean (published): one g from the mean over batch and time; leaks the future.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.mode = cfg.meta_router
+        self.gate = nn.Linear(cfg.d_model, 1)
+        self.gate_init = cfg.meta_gate_init
+
+    def reset_parameters(self) -> None:
+        """Zero weights and bias logit(g0), so the gate starts at exactly meta_gate_init."""
+        nn.init.zeros_(self.gate.weight)
+        g0 = torch.tensor(self.gate_init)
+        nn.init.constant_(self.gate.bias, float(torch.log(g0 / (1 - g0))))
+
+    def forward(self, x: torch.Tensor, prefix_sum: torch.Tensor | None, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate (B, T, 1) or (1, 1, 1), and the running sum to cache for generation."""
+        if self.mode == "batch_mean":
+            return torch.sigmoid(self.gate(x.mean(dim=(0, 1), keepdim=True))), None
+        sums = x.cumsum(dim=1)
+        if prefix_sum is not None:
+            sums = sums + prefix_sum[:, None]
+        counts = torch.arange(prefix_len + 1, prefix_len + x.shape[1] + 1, device=x.device, dtype=x.dtype)
+        return torch.sigmoid(self.gate(sums / counts[:, None])), sums[:, -1]
+
