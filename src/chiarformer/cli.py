@@ -1,0 +1,221 @@
+"""`chiar`: the command line.
+
+    chiar quickstart                      baseline vs CHIAR-Former on generated ListOps, CPU, < 5 min
+    chiar train --task T --model LAYOUT [--preset P] [--config F.yaml] [--set k=v ...] --out runs/NAME [--resume]
+    chiar eval --run runs/NAME [--split val|test] [--which best|last]
+    chiar config --task T [...]           print the resolved, commented configuration (a starting YAML)
+    chiar tasks                           list the tasks and where their data comes from
+
+Analysis subcommands (calibrate, route, flops, report) are added by chiarformer.analysis.cli.
+Multi-GPU: `torchrun --nproc_per_node=8 -m chiarformer.cli train ...` (see docs/training.md).
+
+User mistakes raise `UserError`: one line `error: ...` on stderr and exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one `error: ...` line and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UserError(f"{self.prog}: {message}")
+
+
+# ---------------------------------------------------------------------------- train
+def _add_config_args(p: argparse.ArgumentParser, *, task_required: bool = False) -> None:
+    from .config import LAYOUTS, PRESETS
+    from .train.tasks import TASKS
+
+    p.add_argument("--task", required=task_required, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
+    p.add_argument("--model", metavar="LAYOUT",
+                   help=f"model layout: {', '.join(LAYOUTS)} or a per-layer string like D,DA,A (sets model.layout)")
+    p.add_argument("--preset", metavar="P", help=f"model preset: {', '.join(PRESETS)} (default: the task's)")
+    p.add_argument("--config", metavar="FILE", help="YAML file with task/preset/model/train/data sections (configs/*.yaml)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field, e.g. --set train.lr=3e-4 --set model.routing=topk (repeatable)")
+
+
+def cmd_train(args) -> int:
+    from .train.config import RunConfig, apply_sets, resolve, validate
+    from .train.loop import prepare_run_dir, train
+
+    out = Path(args.out) if args.out else None
+    if args.resume:
+        if out is None:
+            raise UserError("--resume needs --out runs/NAME (the run folder to continue)")
+        prepare_run_dir(out, resume=True)
+        cfg = RunConfig.load(out / "config.yaml")
+        if args.config or args.task or args.model or args.preset:
+            fresh = resolve(args.task or cfg.task, args.preset or cfg.preset, args.model, args.config, args.sets)
+            from .train.config import diff
+
+            changed = diff(cfg, fresh, sections=("task", "preset", "model", "data"))
+            # vocab_size / n_classes / max_seq_len are filled in from the task when training starts.
+            changed = [c for c in changed if not c.split(":")[0] in ("model.vocab_size", "model.n_classes", "model.max_seq_len")]
+            if changed:
+                raise UserError(f"the checkpoint in {out} does not fit the given config: {'; '.join(changed[:3])}")
+        apply_sets(cfg, args.sets)
+        validate(cfg)
+    else:
+        cfg = resolve(args.task, args.preset, args.model, args.config, args.sets)
+        if out is None:
+            out = Path("runs") / f"{cfg.task}-{cfg.model.layout.replace(',', '')}-{cfg.preset}"
+        prepare_run_dir(out, resume=False)
+    results = train(cfg, out, resume=args.resume, quiet=args.quiet)
+    if not args.quiet:
+        _print_results(results, out)
+    return 0
+
+
+def _print_results(results: dict, out: Path) -> None:
+    from .train.runs import format_metrics
+
+    from .train.dist import from_env
+
+    if not from_env().is_main:
+        return
+    best = results.get("best") or {}
+    print(f"run: {out}")
+    if best:
+        print(f"best val (step {best.get('step')}): {format_metrics(best.get('val') or {}, results.get('kind'))}")
+    if results.get("test"):
+        print(f"test (once, on the best checkpoint): {format_metrics(results['test'], results.get('kind'))}")
+    if results.get("tokens_per_s"):
+        print(f"training throughput: {results['tokens_per_s']:,.0f} tokens/s")
+
+
+# ---------------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from .train.runs import evaluate_run, format_metrics
+
+    record = evaluate_run(args.run, split=args.split, which=args.which, batch_size=args.batch_size,
+                          device=args.device, max_batches=args.max_batches)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(f"{args.run} [{args.which} checkpoint, step {record['step']}] {args.split}: "
+              f"{format_metrics(record, record['task_kind'])}")
+        proto = record.get("protocol") or {}
+        if proto:
+            print("protocol: " + ", ".join(f"{k}={v}" for k, v in proto.items() if not isinstance(v, (dict, list))))
+    return 0
+
+
+# ---------------------------------------------------------------------------- config / tasks
+def cmd_config(args) -> int:
+    from .train.config import dump_yaml, resolve
+
+    cfg = resolve(args.task, args.preset, args.model, args.config, args.sets)
+    text = dump_yaml(cfg, header=(
+        f"chiarformer configuration for task {cfg.task}, preset {cfg.preset}, layout {cfg.model.layout}.\n"
+        "Use with: chiar train --config THIS_FILE --out runs/NAME   (override with --set section.field=value)\n"
+        "model.vocab_size, model.n_classes and model.max_seq_len are filled in from the task at training time."))
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from .train.tasks import TASKS
+
+    width = max(len(n) for n in TASKS)
+    for name, spec in TASKS.items():
+        print(f"{name:<{width}}  {spec.kind:<3}  {spec.description}")
+        print(f"{'':<{width}}       data: {spec.source}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- quickstart
+def cmd_quickstart(args) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(steps=args.steps, seed=args.seed, out=args.out, threads=args.threads, quiet=args.quiet,
+                   n_train=args.examples)
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="chiar", description="CHIAR-Former: train, evaluate and analyse spectral-entropy routing.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("quickstart", help="train baseline and CHIAR-Former on generated ListOps (CPU, no downloads, < 5 min)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default: sized for ~2 min each on 2 cores)")
+    p.add_argument("--examples", type=int, default=None, help="generated training examples (default 6000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--out", default=None, help="keep the two run folders here (default: a temporary folder)")
+    p.add_argument("--quiet", action="store_true", help="print only the table")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("train", help="train a model on a task (or --resume a run)")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="runs/NAME", help="run folder (must not exist unless --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
+    p.add_argument("--run", required=True, metavar="runs/NAME")
+    p.add_argument("--split", default="val", choices=("val", "test", "train"))
+    p.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint (default: best on validation)")
+    p.add_argument("--batch-size", type=int, default=0, help="sequences per forward pass (default: the run's)")
+    p.add_argument("--max-batches", type=int, default=0, help="evaluate only this many batches (0 = whole split)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--json", action="store_true", help="print the full record as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("config", help="print the resolved configuration as commented YAML")
+    _add_config_args(p, task_required=False)
+    p.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("tasks", help="list tasks and where their data comes from")
+    p.set_defaults(func=cmd_tasks)
+
+    _register_plugins(sub)
+    return parser
+
+
+def _register_plugins(sub) -> None:
+    try:
+        from .analysis import cli as analysis_cli
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("chiarformer.analysis.cli", "chiarformer.analysis"):
+            raise
+        return
+    analysis_cli.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return EXIT_USER_ERROR
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        message = " ".join(str(exc).split())  # one line
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""What the training loop consumes: indexable datasets that build padded tensor batches, the
+task bundle (`TaskData`), and a resumable, shardable sampler.
+
+- `LMWindows`: a 1-D token stream cut into windows of `seq_len` tokens that start every
+  `stride` tokens. With stride == seq_len the windows do not overlap (the published protocol:
+  every window scores its seq_len - 1 next-token targets). With stride < seq_len each token is
+  scored exactly once, by the first window whose scoring span contains it, with at least
+  seq_len - stride tokens of context (the usual sliding-window evaluation).
+- `ClassificationSet`: variable-length token sequences and integer labels; batches are padded
+  to their own longest sequence (id `pad_id`, attention_mask False on padding).
+- `BatchSampler`: a seeded permutation per epoch; the position (epoch, offset) is all the state
+  a resume needs. Each global batch is split across processes by rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class LMWindows:
+    kind = "lm"
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, stride: int | None = None, drop_tail: bool | None = None):
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1:
+            raise ValueError("LMWindows expects a 1-D token array")
+        self.tokens = tokens
+        self.seq_len = int(seq_len)
+        self.stride = int(stride or seq_len)
+        n = len(tokens)
+        if n < 2:
+            self.starts = np.zeros(0, dtype=np.int64)
+        elif n <= self.seq_len:
+            self.starts = np.zeros(1, dtype=np.int64)
+        else:
+            starts = list(range(0, n - self.seq_len + 1, self.stride))
+            # Non-overlapping windows drop the tail (published); sliding windows cover it.
+            if drop_tail is None:
+                drop_tail = self.stride == self.seq_len
+            if not drop_tail and starts[-1] + self.seq_len < n:
+                starts.append(n - self.seq_len)
+            self.starts = np.asarray(starts, dtype=np.int64)
+        # first scored position (inside the window) of each window
+        ends = self.starts + min(self.seq_len, n)
+        prev_end = np.concatenate([[0], ends[:-1]]) if len(ends) else ends
+        self.score_from = np.maximum(1, prev_end - self.starts).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def n_scored(self) -> int:
+        length = min(self.seq_len, len(self.tokens))
+        return int(np.sum(length - self.score_from)) if len(self.starts) else 0
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        length = min(self.seq_len, len(self.tokens))
+        rows = np.stack([self.tokens[s : s + length] for s in self.starts[indices]]).astype(np.int64)
+        input_ids = torch.from_numpy(rows)
+        labels = input_ids.clone()
+        score_from = torch.from_numpy(self.score_from[indices])
+        positions = torch.arange(length)[None, :]
+        labels[positions < score_from[:, None]] = -100
+        return {"input_ids": input_ids, "labels": labels}
+
+    def n_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].numel()
+
+
+class ClassificationSet:
+    kind = "cls"
+
+    def __init__(self, sequences: list, labels, pad_id: int = 0, max_len: int | None = None):
+        self.sequences = [np.asarray(s, dtype=np.int64)[: max_len or None] for s in sequences]
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.sequences) != len(self.labels):
+            raise ValueError("sequences and labels differ in length")
+        self.pad_id = int(pad_id)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        seqs = [self.sequences[i] for i in indices]
+        width = max(1, max(len(s) for s in seqs))
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=bool)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = s
+            mask[row, : len(s)] = True
+        out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(self.labels[np.asarray(indices)])}
+        if not mask.all():
+            out["attention_mask"] = torch.from_numpy(mask)
+        return out
+
+    def n_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+@dataclass
+class TaskData:
+    """Everything the engine needs from a task."""
+
+    kind: str  # "lm" or "cls"
+    train: Any
+    val: Any
+    test: Any | None
+    vocab_size: int
+    n_classes: int = 2
+    protocol: dict = field(default_factory=dict)  # tokenizer, context, stride, splits, source, proxy label
+    token_bytes: np.ndarray | None = None  # LM: UTF-8 bytes of each vocabulary entry (for bits per byte)
+    tokenizer: Any = None  # object with encode/decode, when the task has one
+    pad_id: int = 0
+
+
+class BatchSampler:
+    """Global batches of example indices from seeded per-epoch permutations; resumable."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
+        if n <= 0:
+            raise ValueError("empty dataset")
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.epoch, self.offset = 0, 0
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm_epoch != self.epoch:
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, self.epoch, 0x5EED])
+                self._perm = rng.permutation(self.n)
+            else:
+                self._perm = np.arange(self.n)
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def next_batch(self) -> np.ndarray:
+        out = []
+        need = self.batch_size
+        while need:
+            perm = self._permutation()
+            take = perm[self.offset : self.offset + need]
+            out.append(take)
+            need -= len(take)
+            self.offset += len(take)
+            if self.offset >= self.n:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return np.concatenate(out)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "n": self.n, "seed": self.seed}
+
+    def load_state(self, state: dict) -> None:
+        if state.get("n") not in (None, self.n):
+            from ..errors import UserError
+
+            raise UserError(f"the checkpoint's data has {state['n']} training examples but the task now has {self.n}; "
+                            "the data or data.* settings changed since the run started")
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+def shard(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This process's share of a global batch (strided, so shares differ by at most one)."""
+    return indices[rank::world]

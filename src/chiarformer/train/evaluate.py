@@ -1,0 +1,121 @@
+"""Evaluation: PPL per token with bits per byte for language models, accuracy for classification.
+
+Sums (not means) are accumulated and all-reduced, so the numbers are exact over the whole
+split whatever the batch size or the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import dist as D
+from .datasets import shard
+
+N_OPS = 3  # DCT, ATTN, RBF
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    dataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast=contextlib.nullcontext,
+    max_batches: int = 0,
+    dist_info: D.DistInfo | None = None,
+    token_bytes: np.ndarray | None = None,
+    lockstep: bool = False,
+) -> dict:
+    """Metrics of `model` on `dataset` (an LMWindows or ClassificationSet).
+
+    lockstep=True makes every process run the same number of forward passes (needed when the
+    forward itself communicates, as with FSDP).
+    """
+    info = dist_info or D.DistInfo()
+    was_training = model.training
+    model.eval()
+    n = len(dataset)
+    per_step = batch_size * info.world
+    n_steps = math.ceil(n / per_step)
+    if max_batches:
+        n_steps = min(n_steps, max_batches)
+    n_layers = model.cfg.n_layers
+    sums = torch.zeros(5 + n_layers * N_OPS, dtype=torch.float64)  # nats, targets, correct, bytes, examples, ops
+    lm = dataset.kind == "lm"
+    byte_table = torch.as_tensor(token_bytes, dtype=torch.float64) if (lm and token_bytes is not None) else None
+    for step in range(n_steps):
+        global_idx = np.arange(step * per_step, min(n, (step + 1) * per_step))
+        idx = shard(global_idx, info.rank, info.world)
+        dummy = len(idx) == 0
+        if dummy:
+            if not lockstep:
+                continue
+            idx = global_idx[:1]
+        batch = {k: v.to(device, non_blocking=True) for k, v in dataset.batch(idx).items()}
+        with autocast():
+            if lm:
+                out = model(batch["input_ids"], return_routing=True)
+            else:
+                out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), return_routing=True)
+        if dummy:
+            continue
+        logits = out.logits.float()
+        if lm:
+            targets = batch["labels"][:, 1:]
+            flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+            nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="none").view_as(targets)
+            scored = targets != -100
+            sums[0] += nll[scored].sum().double().cpu()
+            sums[1] += scored.sum().cpu()
+            sums[2] += ((logits[:, :-1].argmax(-1) == targets) & scored).sum().cpu()
+            if byte_table is not None:
+                sums[3] += byte_table[targets[scored].cpu()].sum()
+            sums[4] += targets.shape[0]
+            mask = None
+        else:
+            labels = batch["labels"]
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double().cpu()
+            sums[1] += labels.numel()
+            sums[2] += (logits.argmax(-1) == labels).sum().cpu()
+            sums[4] += labels.numel()
+            mask = batch.get("attention_mask")
+        if out.routing:
+            sums[5:] += op_counts(out.routing, mask).flatten().double().cpu()
+    sums = sums.to(device)
+    D.all_reduce_sum(sums, info)
+    sums = sums.cpu()
+    model.train(was_training)
+    nats, count, correct, n_bytes, examples = (float(x) for x in sums[:5])
+    metrics = {"loss": nats / count if count else float("nan"), "accuracy": correct / count if count else float("nan")}
+    if lm:
+        metrics["ppl"] = math.exp(min(metrics["loss"], 700.0))
+        metrics["bpb"] = nats / math.log(2) / n_bytes if n_bytes else None
+        metrics["tokens"] = int(count)
+        metrics["bytes"] = int(n_bytes)
+    else:
+        metrics["ppl"] = None
+        metrics["bpb"] = None
+        metrics["examples"] = int(examples)
+    metrics["op_share"] = shares(sums[5:].view(n_layers, N_OPS))
+    metrics["complete"] = not max_batches or n_steps >= math.ceil(n / per_step)
+    return metrics
+
+
+def op_counts(routing, mask: torch.Tensor | None) -> torch.Tensor:
+    """(n_layers, 3) counts of tokens per operator (DCT, ATTN, RBF), padding excluded."""
+    rows = []
+    for info in routing:
+        ops = info.ops if mask is None else info.ops[mask.bool()]
+        rows.append(torch.bincount(ops.reshape(-1), minlength=N_OPS)[:N_OPS])
+    return torch.stack(rows)
+
+
+def shares(counts: torch.Tensor) -> list[list[float]]:
+    totals = counts.sum(-1, keepdim=True).clamp_min(1)
+    return [[round(float(x), 6) for x in row] for row in (counts / totals)]
