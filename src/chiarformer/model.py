@@ -56,13 +56,28 @@ class ChiarLayer(nn.Module):
 
     def forward(self, x, pos, key_mask, cache: KVCache | None, index: int, want_entropy: bool):
         h = x if self.post_norm else self.norm_mix(x)
-        entropy = spectral_entropy(h) if self.router is not None or want_entropy else None
-        new_mask = None if key_mask is None else key_mask[:, -x.shape[1] :]
+        mixed, decision, entropy = self.token_mixing(h, pos, key_mask, cache, index, want_entropy)
+        mixed = self.dropout(mixed)
+        if self.post_norm:
+            x = self.norm_mix(x + mixed)
+            x = self.norm_ffn(x + self.ffn(x))
+        else:
+            x = x + mixed
+            x = x + self.ffn(self.norm_ffn(x))
+        order = self.router.order if self.router is not None else self.ops
+        return x, RoutingInfo(decision.ops, entropy, decision.probs, order)
+
+    def token_mixing(self, h, pos, key_mask, cache, index, want_entropy=False):
+        """Route each token of h (B, T, d), run the operators; returns (mixed, decision, entropy)."""
+        entropy = None
+        if self.router is not None or want_entropy:
+            with torch.no_grad():  # a routing statistic: the router learns through its Linear
+                entropy = spectral_entropy(h)
+        new_mask = None if key_mask is None else key_mask[:, -h.shape[1] :]
         if self.router is not None:
             decision = self.router(h, entropy, new_mask)
         else:
-            decision = Decision(torch.full(x.shape[:2], self.ops[0], device=x.device, dtype=torch.long), None, None)
-
+            decision = Decision(torch.full(h.shape[:2], self.ops[0], device=h.device, dtype=torch.long), None, None)
         k = v = None
         if self.mixer is not None:
             k, v = self.mixer.keys_values(h, pos)
@@ -75,16 +90,7 @@ class ChiarLayer(nn.Module):
         mixed = mix(h, decision, k, v, pos, key_mask)
         if decision.weight is not None:
             mixed = mixed * decision.weight[..., None].to(mixed.dtype)
-        mixed = self.dropout(mixed)
-
-        if self.post_norm:
-            x = self.norm_mix(x + mixed)
-            x = self.norm_ffn(x + self.ffn(x))
-        else:
-            x = x + mixed
-            x = x + self.ffn(self.norm_ffn(x))
-        order = self.router.order if self.router is not None else self.ops
-        return x, RoutingInfo(decision.ops, entropy, decision.probs, order)
+        return mixed, decision, entropy
 
     # ------------------------------------------------------------------ execution
     def mix_dense(self, h, decision, k, v, pos, key_mask):
@@ -106,36 +112,47 @@ class ChiarLayer(nn.Module):
         return mixed
 
     def mix_sparse(self, h, decision, k, v, pos, key_mask):
-        """Each operator computes only its own tokens: gather, compute, scatter."""
+        """Each operator computes only its own tokens: gather, compute, scatter.
+
+        Every token is computed by exactly one operator, so the outputs, stacked operator by
+        operator, are a permutation of the tokens: one index_select puts them back in order.
+        """
         b, t, d = h.shape
         flat_h = h.reshape(b * t, d)
         flat_ops = decision.ops.reshape(-1)
-        mixed = h.new_zeros(b * t, d)
+        rows, outputs = [], []
         for op in self.ops:
             if op == DCT:
-                rows = (flat_ops == DCT).nonzero().squeeze(1)
-                if rows.numel():
-                    mixed = mixed.index_copy(0, rows, self.dct(flat_h[rows]))
+                mine = (flat_ops == DCT).nonzero().squeeze(1)
+                rows.append(mine)
+                outputs.append(self.dct(flat_h[mine]))
             elif op == ATTN:
-                mixed = self.sparse_attention(h, decision.ops == ATTN, k, v, pos, key_mask, mixed)
+                mine, y = self.sparse_attention(h, decision.ops == ATTN, k, v, pos, key_mask)
+                rows.append(mine)
+                outputs.append(y)
             else:  # RBF is linear in T: it runs over the layer's positions, keeps its own tokens
-                rows = (flat_ops == RBF).nonzero().squeeze(1)
-                if rows.numel():
-                    q = self.mixer.queries(h, pos)
-                    y = self.mixer.project_out(self.mixer.rbf(q, k, v, key_mask, self.causal))
-                    mixed = mixed.index_copy(0, rows, y.reshape(b * t, d)[rows])
-        return mixed.view(b, t, d)
+                mine = (flat_ops == RBF).nonzero().squeeze(1)
+                y = self.mixer.project_out(self.mixer.rbf(self.mixer.queries(h, pos), k, v, key_mask, self.causal))
+                rows.append(mine)
+                outputs.append(y.reshape(b * t, d)[mine])
+        if len(rows) == 1:
+            return outputs[0].view(b, t, d)
+        order = torch.cat(rows).argsort()
+        return torch.cat(outputs).index_select(0, order).view(b, t, d)
 
-    def sparse_attention(self, h, selected, k, v, pos, key_mask, mixed):
-        """Queries (and the output projection) for the selected tokens only; keys of all tokens."""
+    def sparse_attention(self, h, selected, k, v, pos, key_mask):
+        """Queries (and the output projection) for the selected tokens only; keys of all tokens.
+
+        Returns the flat row indices of the selected tokens and their outputs.
+        """
         b, t, d = h.shape
         counts = selected.sum(1)
         n = int(counts.max())
         if n == 0:
-            return mixed
+            return selected.new_zeros(0, dtype=torch.long), h.new_zeros(0, d)
         if int(counts.min()) == t:  # every token attends: no gather needed
             y = self.mixer.project_out(self.mixer.attend(self.mixer.queries(h, pos), k, v, pos, key_mask, self.causal))
-            return y.reshape(b * t, d)
+            return torch.arange(b * t, device=h.device), y.reshape(b * t, d)
         # Per row, the selected positions first (in order), padded with unselected ones.
         idx = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :n]
         q_pos = pos[idx]
@@ -144,7 +161,7 @@ class ChiarLayer(nn.Module):
         y = self.mixer.project_out(y)
         valid = torch.arange(n, device=h.device) < counts[:, None]
         rows = (torch.arange(b, device=h.device)[:, None] * t + idx)[valid]
-        return mixed.index_copy(0, rows, y[valid])
+        return rows, y[valid]
 
 
 class ChiarModel(nn.Module):

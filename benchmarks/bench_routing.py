@@ -1,0 +1,140 @@
+"""Measured cost of routed execution, next to the analytic FLOP ratios.
+
+Part 1 - token-mixing sub-layer, forward + backward: full causal attention (baseline layer)
+vs the routed DCT|attention sub-layer (sparse and dense execution) at a fixed attention share.
+Part 2 - whole model, forward + backward, tokens/s: baseline vs dct_attn with top-k routing.
+
+All variants are timed in one process, interleaved, and reported as ratios of medians, so
+machine noise hits them alike. Usage:
+    python benchmarks/bench_routing.py                 # the issue's settings (CPU, about 2 min)
+    python benchmarks/bench_routing.py --device cuda --whole-seq-len 2048 --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from chiarformer import ChiarConfig, ChiarForCausalLM
+
+
+def timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def race(variants: dict, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds per call of each variant, calls interleaved round-robin."""
+    for fn in variants.values():  # warm-up
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def mixing_step(layer, h, pos):
+    def step():
+        h.grad = None
+        mixed, _, _ = layer.token_mixing(h, pos, None, None, 0)
+        mixed.sum().backward()
+
+    return step
+
+
+def analytic_mixing_macs(d: int, t: int, f: float) -> tuple[float, float]:
+    """Multiply-adds per sequence of the mixing sub-layer: (full causal attention, routed)."""
+    full = 4 * d * d * t + d * t * (t + 1)  # QKVO + causal scores and weighted sum
+    routed = (
+        2 * d * d * t  # K, V for every token
+        + f * t * 2 * d * d  # Q and output projection of attention tokens
+        + f * d * t * (t + 1)  # their causal scores and weighted sum (average position)
+        + (1 - f) * t * 2 * d * d  # DCT + filter + inverse for the other tokens
+        + t * d * d  # spectral entropy's DCT for every token
+    )
+    return full, routed
+
+
+def bench_sublayer(args) -> None:
+    d, heads, t, b, f = args.d_model, args.n_heads, args.seq_len, args.batch, args.attn_fraction
+    common = dict(vocab_size=32, d_model=d, n_heads=heads, n_layers=3, max_seq_len=t, dropout=0.0, allow_noncausal=True)
+    full_cfg = ChiarConfig(layout="A,A,A", **common)
+    routed_cfg = ChiarConfig(layout="DA,DA,A", routing="topk", attn_fraction=f, **common)
+    layers = {
+        "full causal attention": ChiarForCausalLM(full_cfg).model.layers[0],
+        "routed, sparse": ChiarForCausalLM(routed_cfg).model.layers[0],
+        "routed, dense": ChiarForCausalLM(routed_cfg.replace(execution="dense")).model.layers[0],
+    }
+    h = torch.randn(b, t, d, device=args.device, requires_grad=True)
+    pos = torch.arange(t, device=args.device)
+    steps = {name: mixing_step(layer.to(args.device), h, pos) for name, layer in layers.items()}
+    med = race(steps, args.repeats, args.device)
+    full_macs, routed_macs = analytic_mixing_macs(d, t, f)
+    base = med["full causal attention"]
+    print(f"\n## Token-mixing sub-layer, forward+backward ({args.device}, d={d}, heads={heads}, T={t}, batch={b}, attention share {f:.0%}, top-k routing)")
+    print("| variant | median ms | time vs full attention | analytic MACs vs full attention |")
+    print("|---|---|---|---|")
+    analytic = {"full causal attention": 1.0, "routed, sparse": routed_macs / full_macs, "routed, dense": None}
+    for name, sec in med.items():
+        a = analytic[name]
+        print(f"| {name} | {sec * 1e3:.1f} | {sec / base:.2f}x | {'n/a (computes both)' if a is None else f'{a:.2f}x'} |")
+    print(f"sparse is {med['routed, dense'] / med['routed, sparse']:.2f}x faster than dense execution")
+
+
+def bench_whole_model(args) -> None:
+    t, b = args.whole_seq_len, args.whole_batch
+    common = dict(vocab_size=32, d_model=args.d_model, n_heads=args.n_heads, n_layers=4, max_seq_len=t, dropout=0.0)
+    models = {
+        "baseline": ChiarForCausalLM(ChiarConfig(layout="baseline", **common)),
+        "dct_attn, top-k 25%": ChiarForCausalLM(
+            ChiarConfig(layout="dct_attn", routing="topk", attn_fraction=args.attn_fraction, allow_noncausal=True, **common)
+        ),
+    }
+    ids = torch.randint(0, 32, (b, t), device=args.device)
+
+    def step(model):
+        def run():
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids).loss.backward()
+
+        return run
+
+    med = race({name: step(m.to(args.device).train()) for name, m in models.items()}, args.repeats, args.device)
+    base = med["baseline"]
+    print(f"\n## Whole model, forward+backward ({args.device}, 4 layers, d={args.d_model}, vocab 32, T={t}, batch={b})")
+    print("| model | tokens/s | vs baseline |")
+    print("|---|---|---|")
+    for name, sec in med.items():
+        print(f"| {name} | {b * t / sec:,.0f} | {base / sec:.2f}x |")
+    print("top-k routing ranks whole sequences (non-causal for an LM); it is used here for its static shapes only.")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--attn-fraction", type=float, default=0.25)
+    p.add_argument("--whole-seq-len", type=int, default=2048)
+    p.add_argument("--whole-batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bench_sublayer(args)
+    bench_whole_model(args)
+
+
+if __name__ == "__main__":
+    main()
