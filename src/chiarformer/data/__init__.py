@@ -1,0 +1,69 @@
+"""Data for CHIAR-Former: tokenizers, datasets, LM batching and the task registry.
+
+Start here (the training engine needs only these):
+
+    from chiarformer.data import load_task, TASKS, task_options, LISTOPS_CPU
+    task = load_task("wikitext2-proxy", seq_len=256)        # see chiarformer.data.tasks
+    task.kind, task.train, task.val, task.test, task.tokenizer, task.protocol
+
+    from chiarformer.data import train_windows, eval_batches, LMScore
+    windows = train_windows(task.train, task.seq_len)       # (N, T) uint16 view; sample rows
+    score = LMScore(task.tokenizer.token_byte_lengths())
+    for b in eval_batches(task.val, task.seq_len, task.protocol["stride"], batch_size=32):
+        score.add(model(b["input_ids"]).logits, b["labels"])
+    score.result()                                          # loss, ppl, bpb, tokens, bytes
+
+    task = load_task("listops", **LISTOPS_CPU)              # classification
+    b = task.train.batch(indices)                           # input_ids, attention_mask, labels
+
+Tasks: wikitext2, wikitext103, wikitext2-proxy, imdb-lm-proxy, text, imdb, lra-text, listops,
+listops-flat (TASKS has one line on each). Building blocks: gpt2_tokenizer / ByteTokenizer
+(tokenizer.py), WikiText sources (wikitext.py), IMDB (imdb.py), ListOps generation and TSV
+files (listops.py), users' text files (text.py), the verified disk cache (cache.py).
+Data folder: CHIAR_DATA_DIR or ../shared/data; cache: CHIAR_CACHE_DIR or ~/.cache/chiarformer.
+Every user mistake raises chiarformer.errors.UserError with a one-line message.
+"""
+
+from .cache import Cache
+from .classification import ClassificationData, stratified_split
+from .imdb import load_imdb
+from .listops import (
+    ListOpsTokenizer,
+    generate_listops,
+    generate_listops_flat,
+    read_listops_tsv,
+    write_listops_tsv,
+)
+from .lm import LMScore, bits_per_byte, eval_batches, eval_windows, scored_tokens, train_windows
+from .tasks import LISTOPS_CPU, TASKS, Task, load_task, task_options
+from .tokenizer import ByteTokenizer, GPT2Tokenizer, get_tokenizer, gpt2_tokenizer
+from .wikitext import wikitext_source, wikitext_tokens
+
+__all__ = [
+    "ByteTokenizer",
+    "Cache",
+    "ClassificationData",
+    "GPT2Tokenizer",
+    "LISTOPS_CPU",
+    "LMScore",
+    "ListOpsTokenizer",
+    "TASKS",
+    "Task",
+    "bits_per_byte",
+    "eval_batches",
+    "eval_windows",
+    "generate_listops",
+    "generate_listops_flat",
+    "get_tokenizer",
+    "gpt2_tokenizer",
+    "load_imdb",
+    "load_task",
+    "read_listops_tsv",
+    "scored_tokens",
+    "stratified_split",
+    "task_options",
+    "train_windows",
+    "wikitext_source",
+    "wikitext_tokens",
+    "write_listops_tsv",
+]

@@ -1,0 +1,337 @@
+"""Task registry: one call gives the training engine every split, the tokenizer and the protocol.
+
+    task = load_task("wikitext2-proxy", seq_len=256)            # options: see TASKS / task_options()
+    task.kind                     # "lm" or "classification"
+    task.train, task.val, task.test
+        # lm: 1-D uint16 token arrays (read-only memmaps); batch them with chiarformer.data.lm
+        # classification: ClassificationData (.batch(indices) -> input_ids, attention_mask, labels)
+    task.tokenizer                # encode/decode, vocab_size, pad_id, eot_id (LM), token_byte_lengths() (LM)
+    task.vocab_size, task.pad_id, task.seq_len, task.n_classes (None for lm)
+    task.protocol                 # JSON-able: dataset, split sources, tokenizer, context, stride, ...
+
+Every split exists (test included); validation never comes from test: where a dataset has
+no validation split it is carved from the training data (the last fraction of the training
+tokens for text, a seeded stratified sample for labelled examples). Proxies say so in their
+name and in protocol["proxy"]. Unknown task names or options raise UserError.
+
+Common keyword arguments: data_dir (default CHIAR_DATA_DIR or ../shared/data), cache_dir
+(default CHIAR_CACHE_DIR or ~/.cache/chiarformer), seq_len (LM context, or classification
+length; None = the task's published default). LM tasks also take stride (evaluation stride,
+default = seq_len, the published non-overlapping protocol) and tokenizer ("gpt2" or "bytes").
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .cache import Cache
+from .classification import ClassificationData, stratified_split
+from .files import checksum, require_file
+from .imdb import imdb_examples, imdb_source
+from .listops import LRA_SIZES, ListOpsTokenizer, generate_listops, generate_listops_flat, read_listops_tsv, write_listops_tsv
+from .text import carve_tail, corpus_tokens, documents_tokens, file_source, join_with_eot
+from .tokenizer import get_tokenizer
+from .wikitext import wikitext_source
+
+DEFAULT_CONTEXT = 256  # published LM context
+# CPU-sized LRA ListOps for quick runs: load_task("listops", **LISTOPS_CPU).
+LISTOPS_CPU = {"n_train": 20_000, "n_val": 1_000, "n_test": 1_000, "min_length": 50, "max_length": 250, "max_depth": 6, "max_args": 10}
+
+TASKS = {
+    "wikitext2": "LM on WikiText-2 train/valid/test (needs wiki.train.*, not on the shared machines)",
+    "wikitext103": "LM on WikiText-103 train/valid/test (official files, HF parquet or HF datasets)",
+    "wikitext2-proxy": "PROXY LM: train on WikiText-2 valid (val = its last 10%), test on WikiText-2 test",
+    "imdb-lm-proxy": "PROXY LM: IMDB train review text (val = 10% of reviews), test on IMDB test review text",
+    "text": "LM on your UTF-8 files: train=, optional val= and test= (else carved from train's tail)",
+    "imdb": "IMDB sentiment, GPT-2 BPE cut to 256 tokens (published), val = 10% of train",
+    "lra-text": "LRA Text: IMDB sentiment on UTF-8 bytes cut to 1000 (or 4000), val = 10% of train",
+    "listops": "LRA ListOps (generated, 10 classes; LRA sizes by default, LISTOPS_CPU for quick runs)",
+    "listops-flat": "the paper's flat ListOps toy: one operator over 4-8 digits, splits disjoint",
+}
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # "lm" | "classification"
+    train: np.ndarray | ClassificationData
+    val: np.ndarray | ClassificationData
+    test: np.ndarray | ClassificationData
+    tokenizer: object
+    seq_len: int
+    protocol: dict
+    n_classes: int | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
+
+
+def load_task(name: str, *, data_dir=None, cache_dir=None, seq_len: int | None = None, **options) -> Task:
+    """Load task `name` (see TASKS) with its options (see task_options(name))."""
+    if name not in _LOADERS:
+        raise UserError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+    unknown = sorted(set(options) - set(task_options(name)))
+    if unknown:
+        raise UserError(f"task {name!r} has no option(s) {', '.join(unknown)}; it takes: {', '.join(task_options(name)) or 'none'}")
+    if seq_len is not None and seq_len < 2:
+        raise UserError(f"seq_len must be at least 2, got {seq_len}")
+    return _LOADERS[name](data_dir=data_dir, cache=Cache(cache_dir), seq_len=seq_len, **options)
+
+
+def task_options(name: str) -> dict:
+    """The task-specific options of `name` and their defaults."""
+    if name not in _LOADERS:
+        raise UserError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+    params = inspect.signature(_LOADERS[name]).parameters.values()
+    return {p.name: p.default for p in params if p.name not in ("data_dir", "cache", "seq_len")}
+
+
+# --- language modelling -------------------------------------------------------------------
+
+
+def _lm_task(name, tokenizer, seq_len, stride, splits: dict, sources: dict, protocol: dict) -> Task:
+    seq_len = seq_len or DEFAULT_CONTEXT
+    stride = stride or seq_len
+    if not 1 <= stride <= seq_len:
+        raise UserError(f"stride must be between 1 and seq_len ({seq_len}), got {stride}")
+    for split, tokens in splits.items():
+        if len(tokens) < (seq_len if split == "train" else 2):
+            raise UserError(f"{name} {split} split has {len(tokens)} tokens, too few for seq_len {seq_len}")
+    protocol = {
+        "task": name,
+        "kind": "lm",
+        **protocol,
+        "splits": sources,
+        "tokens": {s: int(len(t)) for s, t in splits.items()},
+        "tokenizer": tokenizer.name,
+        "context": seq_len,
+        "stride": stride,
+        "eval": "non-overlapping windows, remainder dropped" if stride == seq_len else "sliding windows, every token scored once",
+    }
+    return Task(name, "lm", splits["train"], splits["val"], splits["test"], tokenizer, seq_len, protocol)
+
+
+def _wikitext(version, *, data_dir, cache, seq_len, stride=None, variant="raw", tokenizer="gpt2", path=None) -> Task:
+    tok = get_tokenizer(tokenizer)
+    splits, sources = {}, {}
+    for split, file_split in (("train", "train"), ("val", "valid"), ("test", "test")):
+        source = wikitext_source(version, file_split, variant, data_dir, path)
+        splits[split] = corpus_tokens(source, tok, cache, f"wikitext{version}-{variant}-{file_split}-{tok.name}")
+        sources[split] = source.description
+    return _lm_task(f"wikitext{version}", tok, seq_len, stride, splits, sources, {"dataset": f"WikiText-{version} ({variant})", "proxy": False})
+
+
+def _wikitext2(*, data_dir, cache, seq_len, stride=None, variant="raw", tokenizer="gpt2", path=None) -> Task:
+    return _wikitext("2", data_dir=data_dir, cache=cache, seq_len=seq_len, stride=stride, variant=variant, tokenizer=tokenizer, path=path)
+
+
+def _wikitext103(*, data_dir, cache, seq_len, stride=None, variant="raw", tokenizer="gpt2", path=None) -> Task:
+    return _wikitext("103", data_dir=data_dir, cache=cache, seq_len=seq_len, stride=stride, variant=variant, tokenizer=tokenizer, path=path)
+
+
+def _wikitext2_proxy(*, data_dir, cache, seq_len, stride=None, val_fraction=0.1, tokenizer="gpt2", path=None) -> Task:
+    tok = get_tokenizer(tokenizer)
+    valid = wikitext_source("2", "valid", "raw", data_dir, path)
+    test = wikitext_source("2", "test", "raw", data_dir, path)
+    train_tokens, val_tokens = carve_tail(corpus_tokens(valid, tok, cache, f"wikitext2-raw-valid-{tok.name}"), val_fraction, valid.description)
+    splits = {"train": train_tokens, "val": val_tokens, "test": corpus_tokens(test, tok, cache, f"wikitext2-raw-test-{tok.name}")}
+    sources = {
+        "train": f"{valid.description} (first {1 - val_fraction:.0%} of tokens)",
+        "val": f"{valid.description} (last {val_fraction:.0%} of tokens)",
+        "test": test.description,
+    }
+    protocol = {"dataset": "WikiText-2 (raw), proxy: trained on the valid split", "proxy": True}
+    return _lm_task("wikitext2-proxy", tok, seq_len, stride, splits, sources, protocol)
+
+
+def _imdb_lm_proxy(*, data_dir, cache, seq_len, stride=None, val_fraction=0.1, seed=0, tokenizer="gpt2", path=None) -> Task:
+    tok = get_tokenizer(tokenizer)
+    train_src, test_src = imdb_source("train", data_dir, path), imdb_source("test", data_dir, path)
+
+    def build_train():
+        texts, labels = train_src.read()
+        kept, held = stratified_split(labels, val_fraction, seed)
+        return {"train": documents_tokens([texts[i] for i in kept], tok), "val": documents_tokens([texts[i] for i in held], tok)}
+
+    key = {"what": "imdb-lm", "source": train_src.checksum, "tokenizer": tok.fingerprint, "val_fraction": val_fraction, "seed": seed}
+    train = cache.arrays(f"imdb-lm-train-{tok.name}", key, build_train)
+    key = {"what": "imdb-lm", "source": test_src.checksum, "tokenizer": tok.fingerprint}
+    test = cache.arrays(f"imdb-lm-test-{tok.name}", key, lambda: {"test": documents_tokens(test_src.read()[0], tok)})
+    splits = {"train": train["train"], "val": train["val"], "test": test["test"]}
+    sources = {
+        "train": f"{train_src.description} ({1 - val_fraction:.0%} of reviews, seed {seed})",
+        "val": f"{train_src.description} ({val_fraction:.0%} of reviews, stratified, seed {seed})",
+        "test": test_src.description,
+    }
+    protocol = {"dataset": "IMDB review text, proxy LM corpus (reviews joined with end-of-text)", "proxy": True}
+    return _lm_task("imdb-lm-proxy", tok, seq_len, stride, splits, sources, protocol)
+
+
+def _text(*, data_dir, cache, seq_len, stride=None, train=None, val=None, test=None, val_fraction=0.1, test_fraction=0.1, tokenizer="gpt2") -> Task:
+    if train is None:
+        raise UserError("the text task needs train=<file or list of files> (UTF-8 text)")
+    tok = get_tokenizer(tokenizer)
+
+    def load(paths):
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if not paths:
+            raise UserError("the text task got an empty list of files")
+        sources = [file_source(p) for p in paths]
+        arrays = [corpus_tokens(s, tok, cache, f"text-{Path(s.description).name}-{tok.name}") for s in sources]
+        return join_with_eot(arrays, tok.eot_id), ", ".join(s.description for s in sources)
+
+    train_tokens, train_desc = load(train)
+    splits, sources = {}, {}
+    if test is None:
+        train_tokens, splits["test"] = carve_tail(train_tokens, test_fraction, train_desc)
+        sources["test"] = f"{train_desc} (last {test_fraction:.0%} of tokens)"
+    else:
+        splits["test"], sources["test"] = load(test)
+    if val is None:
+        train_tokens, splits["val"] = carve_tail(train_tokens, val_fraction, train_desc)
+        sources["val"] = f"{train_desc} (held-out tail, {val_fraction:.0%} of the rest)"
+    else:
+        splits["val"], sources["val"] = load(val)
+    splits["train"], sources["train"] = train_tokens, train_desc
+    return _lm_task("text", tok, seq_len, stride, splits, sources, {"dataset": "user text files", "proxy": False})
+
+
+# --- classification -----------------------------------------------------------------------
+
+
+def _check_sizes(**sizes: int) -> None:
+    for what, n in sizes.items():
+        if not isinstance(n, int) or n < 1:
+            raise UserError(f"{what} must be a positive integer, got {n!r}")
+
+
+def _classification_task(name, tokenizer, seq_len, train, val, test, n_classes, protocol) -> Task:
+    return Task(name, "classification", train, val, test, tokenizer, seq_len, {"task": name, "kind": "classification", **protocol}, n_classes)
+
+
+def _imdb_task(name, default_len, *, data_dir, cache, seq_len, val_fraction, seed, tokenizer, path) -> Task:
+    tok = get_tokenizer(tokenizer)
+    seq_len = seq_len or default_len
+    full_train, train_desc = imdb_examples("train", tok, data_dir, path, cache)
+    full_test, test_desc = imdb_examples("test", tok, data_dir, path, cache)
+    kept, held = stratified_split(full_train.labels, val_fraction, seed)
+    protocol = {
+        "dataset": "IMDB (aclImdb) sentiment",
+        "splits": {"train": train_desc, "val": f"{train_desc} ({val_fraction:.0%} stratified, seed {seed})", "test": test_desc},
+        "tokenizer": tok.name,
+        "seq_len": seq_len,
+        "truncation": f"first {seq_len} tokens",
+        "selection": "validation only; test evaluated once",
+    }
+    train, val, test = full_train.select(kept, seq_len), full_train.select(held, seq_len), full_test.select(np.arange(len(full_test)), seq_len)
+    return _classification_task(name, tok, seq_len, train, val, test, 2, protocol)
+
+
+def _imdb(*, data_dir, cache, seq_len, val_fraction=0.1, seed=0, tokenizer="gpt2", path=None) -> Task:
+    return _imdb_task("imdb", 256, data_dir=data_dir, cache=cache, seq_len=seq_len, val_fraction=val_fraction, seed=seed, tokenizer=tokenizer, path=path)
+
+
+def _lra_text(*, data_dir, cache, seq_len, val_fraction=0.1, seed=0, tokenizer="bytes", path=None) -> Task:
+    return _imdb_task("lra-text", 1000, data_dir=data_dir, cache=cache, seq_len=seq_len, val_fraction=val_fraction, seed=seed, tokenizer=tokenizer, path=path)
+
+
+def _listops_examples(rows: dict, tok: ListOpsTokenizer, seq_len: int, cache: Cache, key: dict) -> dict[str, ClassificationData]:
+    def build():
+        arrays = {}
+        for split, split_rows in rows().items():
+            data = ClassificationData.from_sequences([tok.encode(s) for s, _ in split_rows], [t for _, t in split_rows], tok.pad_id)
+            arrays |= {f"{split}_tokens": data.tokens, f"{split}_offsets": data.offsets, f"{split}_labels": data.labels}
+        return arrays
+
+    arrays = cache.arrays(f"listops-{tok.style}", {"what": "listops-tokens", "tokenizer": tok.fingerprint, **key}, build)
+    out = {}
+    for split in ("train", "val", "test"):
+        data = ClassificationData(arrays[f"{split}_tokens"], arrays[f"{split}_offsets"], arrays[f"{split}_labels"], tok.pad_id)
+        out[split] = data.select(np.arange(len(data)), seq_len)
+    return out
+
+
+def _listops(
+    *,
+    data_dir,
+    cache,
+    seq_len,
+    path=None,
+    n_train=LRA_SIZES["n_train"],
+    n_val=LRA_SIZES["n_val"],
+    n_test=LRA_SIZES["n_test"],
+    min_length=LRA_SIZES["min_length"],
+    max_length=LRA_SIZES["max_length"],
+    max_depth=LRA_SIZES["max_depth"],
+    max_args=LRA_SIZES["max_args"],
+    seed=0,
+    style="lra",
+    workers=None,
+) -> Task:
+    tok = ListOpsTokenizer(style)
+    if path is not None:
+        files = {split: Path(path).expanduser() / f"basic_{split}.tsv" for split in ("train", "val", "test")}
+        key = {"source": checksum([require_file(f, "ListOps TSV file") for f in files.values()])}
+        source = {"dataset": "LRA ListOps (files)", "splits": {s: str(f) for s, f in files.items()}}
+        seq_len = seq_len or LRA_SIZES["max_length"]
+        examples = _listops_examples(lambda: {s: read_listops_tsv(f) for s, f in files.items()}, tok, seq_len, cache, key)
+    else:
+        sizes = {"n_train": n_train, "n_val": n_val, "n_test": n_test}
+        _check_sizes(**sizes)
+        rules = {"min_length": min_length, "max_length": max_length, "max_depth": max_depth, "max_args": max_args}
+        key = {"generator": "lra-listops-v1", "seed": seed, **sizes, **rules}
+
+        def write_tsv(folder: Path) -> None:
+            rows = generate_listops(n_train + n_val + n_test, seed=seed, workers=workers, **rules)
+            cuts = {"train": rows[:n_train], "val": rows[n_train : n_train + n_val], "test": rows[n_train + n_val :]}
+            for split, split_rows in cuts.items():
+                write_listops_tsv(folder / f"basic_{split}.tsv", split_rows)
+
+        folder = cache.folder("listops", key, write_tsv)
+        source = {"dataset": "LRA ListOps (generated)", "generation": {"seed": seed, **sizes, **rules}, "splits": {s: str(folder / f"basic_{s}.tsv") for s in ("train", "val", "test")}}
+        seq_len = seq_len or max_length
+        examples = _listops_examples(lambda: {s: read_listops_tsv(folder / f"basic_{s}.tsv") for s in ("train", "val", "test")}, tok, seq_len, cache, key)
+    protocol = {**source, "tokenizer": tok.name, "seq_len": seq_len, "truncation": f"first {seq_len} tokens", "selection": "validation only; test evaluated once"}
+    return _classification_task("listops", tok, seq_len, examples["train"], examples["val"], examples["test"], 10, protocol)
+
+
+def _listops_flat(*, data_dir, cache, seq_len, n_train=10_000, n_val=1_000, n_test=1_000, min_args=4, max_args=8, seed=0, style="lra") -> Task:
+    tok = ListOpsTokenizer(style)
+    _check_sizes(n_train=n_train, n_val=n_val, n_test=n_test)
+    rows = generate_listops_flat(n_train + n_val + n_test, seed=seed, min_args=min_args, max_args=max_args)
+    cuts = {"train": rows[:n_train], "val": rows[n_train : n_train + n_val], "test": rows[n_train + n_val :]}
+    data = {s: ClassificationData.from_sequences([tok.encode(x) for x, _ in r], [t for _, t in r], tok.pad_id) for s, r in cuts.items()}
+    seq_len = seq_len or max_args + 2
+    protocol = {
+        "dataset": "flat ListOps toy (paper's variant), splits disjoint",
+        "generation": {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test, "min_args": min_args, "max_args": max_args},
+        "tokenizer": tok.name,
+        "seq_len": seq_len,
+        "selection": "validation only; test evaluated once",
+    }
+    data = {s: d.select(np.arange(len(d)), seq_len) for s, d in data.items()}
+    return _classification_task("listops-flat", tok, seq_len, data["train"], data["val"], data["test"], 10, protocol)
+
+
+_LOADERS = {
+    "wikitext2": _wikitext2,
+    "wikitext103": _wikitext103,
+    "wikitext2-proxy": _wikitext2_proxy,
+    "imdb-lm-proxy": _imdb_lm_proxy,
+    "text": _text,
+    "imdb": _imdb,
+    "lra-text": _lra_text,
+    "listops": _listops,
+    "listops-flat": _listops_flat,
+}
