@@ -191,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_plugins(sub) -> None:
+    import importlib
+
     try:
-        from .analysis import cli as analysis_cli
+        analysis_cli = importlib.import_module("chiarformer.analysis.cli")
     except ModuleNotFoundError as exc:
         if exc.name not in ("chiarformer.analysis.cli", "chiarformer.analysis"):
             raise

@@ -288,7 +288,9 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
         state.setdefault(typed(skey), {})[field] = tensor
     for skey, values in rest.get("scalars", {}).items():
         state.setdefault(typed(skey), {}).update(values)
-    return {"state": state, "param_groups": rest.get("param_groups", [])}
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+              for g in rest.get("param_groups", [])]  # JSON turned tuples (betas) into lists
+    return {"state": state, "param_groups": groups}
 
 
 def _json_default(value: Any) -> Any:

@@ -68,6 +68,8 @@ class DataConfig:
     data_dir: str = ""  # folder holding the datasets; "" = $CHIAR_DATA_DIR, else ../shared/data next to the repo
     seq_len: int = 256  # context: tokens per LM window, longest classification input (published: 256)
     eval_stride: int = 0  # LM evaluation stride; 0 = seq_len (non-overlapping windows, the published protocol)
+    tokenizer: str = "gpt2"  # LM and IMDB tasks: gpt2 (GPT-2 BPE, published) | bytes (UTF-8 bytes; lra-text always uses bytes)
+    variant: str = "raw"  # WikiText: raw | tokens (the pre-tokenised files with <unk>)
     train_files: list = field(default_factory=list)  # task "text": UTF-8 training files
     val_files: list = field(default_factory=list)  # task "text": held-out files for validation (else carved from train)
     test_files: list = field(default_factory=list)  # task "text": test files (optional)
@@ -308,13 +310,31 @@ def set_model_fields(cfg: RunConfig, changes: dict) -> None:
     cfg.model = ChiarConfig.from_dict({**current, **typed})
 
 
-def apply_sets(cfg: RunConfig, assignments: list[str]) -> None:
-    """Apply `--set key=value` strings in order."""
+def parse_sets(assignments: list[str]) -> list[tuple[str, str]]:
+    out = []
     for item in assignments or []:
         if "=" not in item:
             raise UserError(f"--set expects key=value (e.g. train.lr=3e-4), got {item!r}")
         key, value = item.split("=", 1)
-        set_field(cfg, key.strip(), value.strip())
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def apply_sets(cfg: RunConfig, assignments: list[str], model_extra: dict | None = None) -> None:
+    """Apply `--set key=value` strings in order; model fields are applied together at the end
+    (with `model_extra` first), so e.g. model.layout and model.n_layers may change together."""
+    model_changes = dict(model_extra or {})
+    for key, value in parse_sets(assignments):
+        if key.startswith("model."):
+            hints = _hints(ChiarConfig)
+            name = key[len("model."):]
+            if name not in hints:
+                raise UserError(f"unknown config key {key!r}; model fields: {', '.join(_section_names(ChiarConfig))}")
+            model_changes[name] = value
+        else:
+            set_field(cfg, key, value)
+    if model_changes:
+        set_model_fields(cfg, model_changes)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -357,6 +377,8 @@ def validate_section(obj: Any, name: str) -> None:
         if obj.listops_max_length <= obj.listops_min_length + 1:
             raise UserError("data.listops_max_length must exceed data.listops_min_length + 1")
         choice("listops_tokens", LISTOPS_TOKENS)
+        choice("tokenizer", ("gpt2", "bytes"))
+        choice("variant", ("raw", "tokens"))
 
 
 def validate(cfg: RunConfig) -> None:
@@ -397,14 +419,26 @@ def resolve(
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
     cfg = RunConfig(task=task, preset=preset)
-    # model: preset, then the task's model defaults (e.g. n_classes), then file, flags, --set.
+    # model: preset, then the task's model defaults (e.g. n_classes); then the file, the --model
+    # flag and --set model.* together (so related fields may change at once).
     cfg.model = ChiarConfig.from_preset(preset)
     apply_mapping(cfg, {k: v for k, v in defaults.items() if k in SECTIONS}, source=f"task {task} defaults")
-    apply_mapping(cfg, {k: v for k, v in file_values.items() if k not in TOP_LEVEL}, source=str(config_file))
+    file_model = file_values.get("model") or {}
+    if not isinstance(file_model, dict):
+        raise UserError(f"section 'model' in {config_file} must be a mapping of key: value")
+    apply_mapping(cfg, {k: v for k, v in file_values.items() if k not in TOP_LEVEL and k != "model"},
+                  source=str(config_file))
+    model_changes = {}
+    hints = _hints(ChiarConfig)
+    for key, value in file_model.items():
+        if key not in hints:
+            raise UserError(f"unknown config key 'model.{key}' in {config_file}; model fields: "
+                            f"{', '.join(_section_names(ChiarConfig))}")
+        model_changes[key] = value
     if layout:
-        set_model_fields(cfg, {"layout": layout})
+        model_changes["layout"] = layout
     cfg.task, cfg.preset = task, preset
-    apply_sets(cfg, [s for s in (sets or []) if s.split("=", 1)[0].strip() not in TOP_LEVEL])
+    apply_sets(cfg, [s for s in (sets or []) if s.split("=", 1)[0].strip() not in TOP_LEVEL], model_changes)
     validate(cfg)
     return cfg
 
