@@ -214,8 +214,11 @@ class Trainer:
     def save_checkpoint(self, which: str) -> None:
         model_state = self._model_state()  # collective under FSDP: every rank calls it
         optim_state = self._optim_state() if which == "last" else None
-        if not self.info.is_main:
-            return
+        if self.info.is_main:
+            self._write_checkpoint(which, model_state, optim_state)
+        D.barrier(self.info)  # nobody reads a checkpoint before it is complete
+
+    def _write_checkpoint(self, which: str, model_state: dict, optim_state: dict | None) -> None:
         meta = {"step": self.step, "kind": which, "task": self.cfg.task, "tokens_seen": self.tokens_seen,
                 "metrics": self.best["metrics"] if which == "best" and self.best else None}
         with C.AtomicDir(self.ckpt_root / which) as tmp:
