@@ -7,7 +7,8 @@ sequence = per token x T) for every component, per layer, as this package's mode
 =============  ===========================================================================
 component      what is counted (d = d_model, V = vocab, f = the layer's share of a token kind)
 =============  ===========================================================================
-head           d*V: final hidden state times the tied embedding (the LM head); every token
+head           d*V: final hidden state times the tied embedding (the LM head); every token.
+               (A bidirectional classifier instead pools once per sequence: (d^2 + d C) / T.)
 qkv            K and V (2 d^2) for EVERY token of a layer that has attention or RBF (later
                attention queries need all earlier keys); Q (d^2) only for the tokens whose
                query is computed (attention-routed tokens; see "RBF" below)
@@ -236,7 +237,10 @@ def count_flops(
         layers.append(LayerFlops(i, ops, shares, _layer_macs(cfg, ops, shares, t, scores, dct_cost, j is not None, batch_size)))
 
     d = cfg.d_model
-    model_macs = {"head": float(d * cfg.vocab_size)}
+    if cfg.bidirectional:  # classifier: MLP head on the mean-pooled state, once per sequence
+        model_macs = {"head": float(d * d + d * cfg.n_classes) / t}
+    else:  # causal LM: the tied LM head on every token
+        model_macs = {"head": float(d * cfg.vocab_size)}
     if cfg.meta_router == "causal":
         model_macs["meta_router"] = float(d)
     return FlopsCount(cfg, t, scores, dct_cost, layers, model_macs, batch_size)
