@@ -65,26 +65,31 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    data_dir: str = ""  # folder holding the datasets; "" = $CHIAR_DATA_DIR, else ../shared/data next to the repo
+    data_dir: str = ""  # folder holding the datasets; "" = $CHIAR_DATA_DIR, else ../shared/data next to the repo, else ./data
+    cache_dir: str = ""  # token and ListOps caches; "" = $CHIAR_CACHE_DIR, else ~/.cache/chiarformer
+    path: str = ""  # one dataset folder to read instead of searching data_dir (WikiText, IMDB, ListOps TSV files)
     seq_len: int = 256  # context: tokens per LM window, longest classification input (published: 256)
     eval_stride: int = 0  # LM evaluation stride; 0 = seq_len (non-overlapping windows, the published protocol)
-    tokenizer: str = "gpt2"  # LM and IMDB tasks: gpt2 (GPT-2 BPE, published) | bytes (UTF-8 bytes; lra-text always uses bytes)
+    tokenizer: str = "gpt2"  # LM and IMDB tasks: gpt2 (GPT-2 BPE, published) | bytes (UTF-8 bytes; LRA Text)
     variant: str = "raw"  # WikiText: raw | tokens (the pre-tokenised files with <unk>)
     train_files: list = field(default_factory=list)  # task "text": UTF-8 training files
-    val_files: list = field(default_factory=list)  # task "text": held-out files for validation (else carved from train)
-    test_files: list = field(default_factory=list)  # task "text": test files (optional)
-    val_fraction: float = 0.05  # share of training data carved out for validation when a task has no val split
+    val_files: list = field(default_factory=list)  # task "text": validation files (else the tail of the training text)
+    test_files: list = field(default_factory=list)  # task "text": test files (else the tail of the training text)
+    val_fraction: float = 0.1  # share carved from the training data for validation where a task has no val split
+    test_fraction: float = 0.1  # task "text" without test_files: share of the training text held out as test
+    data_seed: int = 0  # seed of generated data and of the validation carve-out (independent of train.seed)
     max_train_tokens: int = 0  # LM: use only the first N training tokens; 0 = all
     max_examples: int = 0  # classification: use only the first N training examples; 0 = all
-    listops_train: int = 96000  # ListOps: generated training trees (LRA: 96000)
-    listops_val: int = 2000  # ListOps: validation trees (LRA: 2000)
-    listops_test: int = 2000  # ListOps: test trees (LRA: 2000)
-    listops_min_length: int = 500  # ListOps: keep trees strictly longer than this (LRA: 500)
-    listops_max_length: int = 2000  # ListOps: keep trees strictly shorter than this (LRA: 2000)
+    listops_train: int = 96000  # ListOps: training expressions (LRA: 96000; listops-flat: 10000)
+    listops_val: int = 2000  # ListOps: validation expressions (LRA: 2000)
+    listops_test: int = 2000  # ListOps: test expressions (LRA: 2000)
+    listops_min_length: int = 500  # ListOps: keep expressions strictly longer than this (LRA: 500)
+    listops_max_length: int = 2000  # ListOps: keep expressions strictly shorter than this (LRA: 2000)
     listops_max_depth: int = 10  # ListOps: maximum tree depth (LRA: 10)
-    listops_tokens: str = "lra"  # ListOps tokenisation: lra (alphanumeric tokens only) | brackets (keep brackets)
-    data_seed: int = 0  # seed of generated data and of the validation carve-out (independent of train.seed)
-    workers: int = 0  # processes for data generation and tokenisation; 0 = automatic
+    listops_min_args: int = 4  # listops-flat: fewest digits per expression (paper: 4)
+    listops_max_args: int = 10  # ListOps: most arguments per operator (LRA: 10; listops-flat: 8 digits)
+    listops_tokens: str = "lra"  # ListOps tokenisation: lra (alphanumeric tokens only) | brackets (keep [OP and ])
+    workers: int = 0  # processes for data generation; 0 = every CPU
 
 
 @dataclass
@@ -368,10 +373,12 @@ def validate_section(obj: Any, name: str) -> None:
             raise UserError("set train.max_steps or train.epochs to a positive value")
     elif isinstance(obj, DataConfig):
         positive("seq_len")
-        positive("eval_stride", "max_train_tokens", "max_examples", "workers", "listops_train", "listops_val",
-                 "listops_test", "listops_min_length", "listops_max_depth", allow_zero=True)
-        if not 0.0 <= obj.val_fraction < 1.0:
-            raise UserError(f"data.val_fraction must be in [0, 1), got {obj.val_fraction}")
+        positive("eval_stride", "max_train_tokens", "max_examples", "workers", "listops_min_length", allow_zero=True)
+        positive("listops_train", "listops_val", "listops_test", "listops_max_depth", "listops_min_args",
+                 "listops_max_args")
+        for key in ("val_fraction", "test_fraction"):
+            if not 0.0 < getattr(obj, key) < 1.0:
+                raise UserError(f"data.{key} must be between 0 and 1, got {getattr(obj, key)}")
         if obj.eval_stride > obj.seq_len:
             raise UserError(f"data.eval_stride={obj.eval_stride} exceeds data.seq_len={obj.seq_len}")
         if obj.listops_max_length <= obj.listops_min_length + 1:

@@ -49,6 +49,20 @@ class LMWindows:
         prev_end = np.concatenate([[0], ends[:-1]]) if len(ends) else ends
         self.score_from = np.maximum(1, prev_end - self.starts).astype(np.int64)
 
+    @classmethod
+    def for_eval(cls, tokens: np.ndarray, seq_len: int, stride: int) -> "LMWindows":
+        """Evaluation windows exactly as chiarformer.data.lm.eval_windows defines them (the protocol)."""
+        from ..data.lm import eval_windows
+
+        windows = eval_windows(len(tokens), seq_len, stride)
+        obj = cls.__new__(cls)
+        obj.tokens = np.asarray(tokens)
+        obj.seq_len = min(seq_len, len(tokens))
+        obj.stride = stride
+        obj.starts = np.asarray([b for b, _, _ in windows], dtype=np.int64)
+        obj.score_from = np.asarray([f - b for b, f, _ in windows], dtype=np.int64)
+        return obj
+
     def __len__(self) -> int:
         return len(self.starts)
 

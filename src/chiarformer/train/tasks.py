@@ -1,83 +1,190 @@
-"""The task registry: names, published defaults, and how each task's data reaches the engine.
+"""The task registry as the engine sees it: names, published training defaults, and the bridge
+from `chiarformer.data.load_task` to the engine's `TaskData`.
 
-Data loading itself lives in `chiarformer.data`; this module turns its outputs into the
-engine's `TaskData` (LM windows or classification sets) and records the evaluation protocol.
+Data loading lives in chiarformer.data (names, sources, caches, protocols); this module maps
+the `data` section of a RunConfig onto that loader's options, wraps its outputs as LM windows
+or classification sets, and fills in the model fields the task decides (vocabulary, classes).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
-from typing import Callable
+
+import numpy as np
 
 from ..errors import UserError
 from .config import RunConfig
-from .datasets import TaskData
+from .datasets import LMWindows, TaskData
 
+_LM_TRAIN = {"lr": 1e-4, "min_lr": 1e-6, "warmup_steps": 500, "batch_size": 128, "epochs": 10.0}
 LM_DEFAULTS = {
+    # Published: AdamW(0.9, 0.95), wd 0.01, lr 1e-4, warm-up 500, cosine to 1e-6, 128 sequences per
+    # step, clip 1.0, GPT-2 BPE, context 256 in non-overlapping windows, 10 epochs (17M).
     "preset": "paper-17m",
-    # Published: AdamW(0.9, 0.95), wd 0.01, lr 1e-4, warm-up 500, cosine to 1e-6, 128 sequences/step,
-    # clip 1.0, context 256 in non-overlapping windows, 10 epochs (17M).
-    "train": {"lr": 1e-4, "min_lr": 1e-6, "warmup_steps": 500, "batch_size": 128, "epochs": 10.0},
-    "data": {"seq_len": 256, "eval_stride": 0},
+    "train": _LM_TRAIN,
+    "data": {"seq_len": 256, "eval_stride": 0, "tokenizer": "gpt2"},
 }
+# Published classification: mean pooling, MLP head, 4 epochs at lr 5e-5.
+_CLS_TRAIN = {"lr": 5e-5, "min_lr": 1e-6, "warmup_steps": 100, "batch_size": 32, "epochs": 4.0}
+# LRA (Tay et al. 2021): batch 32; ListOps 5k steps, Text 20k steps.
+_LRA_TRAIN = {"lr": 1e-4, "min_lr": 1e-6, "warmup_steps": 1000, "batch_size": 32}
 
 
 @dataclass
 class TaskSpec:
     name: str
     kind: str  # "lm" or "cls"
-    description: str
-    source: str  # where the data comes from (shown by `chiar tasks` and in missing-data errors)
-    defaults: dict = field(default_factory=dict)
-    loader: str = ""  # name of the function in chiarformer.train.adapters that builds TaskData
+    source: str  # where the data comes from (shown by `chiar tasks`)
+    defaults: dict = field(default_factory=dict)  # RunConfig values before the preset, file and --set
+
+    @property
+    def description(self) -> str:
+        from ..data import TASKS as DATA_TASKS
+
+        return DATA_TASKS.get(self.name, "")
 
 
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in [
-        TaskSpec("wikitext103", "lm", "WikiText-103 LM, GPT-2 BPE, the published protocol (train/valid/test)",
-                 "official zip layout (wiki.{train,valid,test}.raw or .tokens) in DATA_DIR/wikitext103_raw or "
-                 "DATA_DIR/wikitext-103-raw, Hugging Face parquet files, or `datasets` when online",
-                 LM_DEFAULTS, "wikitext"),
-        TaskSpec("wikitext2", "lm", "WikiText-2 LM, GPT-2 BPE (needs the train split, not on these machines)",
-                 "DATA_DIR/wikitext2_raw/wiki.{train,valid,test}.raw, Hugging Face parquet, or `datasets` online",
-                 LM_DEFAULTS, "wikitext"),
-        TaskSpec("wt2-proxy", "lm", "PROXY (not the official protocol): train on WikiText-2 valid, "
-                 "evaluate on WikiText-2 test (validation carved from the train text)",
-                 "DATA_DIR/wikitext2_raw/wiki.{valid,test}.raw (shipped on these machines)",
-                 {**LM_DEFAULTS, "train": {**LM_DEFAULTS["train"], "batch_size": 32}}, "wikitext"),
-        TaskSpec("imdb-lm-proxy", "lm", "PROXY LM: train on IMDB train review text, evaluate on IMDB test review text",
-                 "DATA_DIR/imdb/imdb_{train,test}.jsonl.xz or the aclImdb folder layout",
-                 LM_DEFAULTS, "imdb_lm"),
-        TaskSpec("text", "lm", "LM on your own UTF-8 text files (data.train_files, data.val_files, data.test_files)",
-                 "any local UTF-8 files: --set data.train_files=[a.txt] --set data.val_files=[b.txt]",
-                 LM_DEFAULTS, "text"),
-        TaskSpec("imdb", "cls", "IMDB sentiment, GPT-2 BPE truncated to 256 tokens (the paper's 'IMDB')",
-                 "DATA_DIR/imdb/imdb_{train,test}.jsonl.xz, the aclImdb folder layout, or Hugging Face parquet",
-                 {"preset": "paper-17m", "model": {"n_classes": 2},
-                  "train": {"lr": 5e-5, "min_lr": 1e-6, "warmup_steps": 100, "batch_size": 32, "epochs": 4.0},
-                  "data": {"seq_len": 256}}, "imdb"),
-        TaskSpec("lra-text", "cls", "LRA Text: IMDB as bytes, 1000 by default (--set data.seq_len=4000 possible)",
-                 "DATA_DIR/imdb/imdb_{train,test}.jsonl.xz, the aclImdb folder layout, or Hugging Face parquet",
+        TaskSpec("wikitext103", "lm", "wiki.{train,valid,test}.raw in DATA_DIR/wikitext-103-raw (official zip), HF "
+                 "parquet, or the `datasets` library online", LM_DEFAULTS),
+        TaskSpec("wikitext2", "lm", "wiki.{train,valid,test}.raw in DATA_DIR/wikitext-2-raw or wikitext2_raw, HF "
+                 "parquet, or `datasets` online (the train split is not on the shared machines)", LM_DEFAULTS),
+        TaskSpec("wikitext2-proxy", "lm", "DATA_DIR/wikitext2_raw/wiki.{valid,test}.raw (on the shared machines)",
+                 {**LM_DEFAULTS, "train": {**_LM_TRAIN, "batch_size": 32}}),
+        TaskSpec("imdb-lm-proxy", "lm", "DATA_DIR/imdb/imdb_{train,test}.jsonl.xz, an aclImdb folder, or HF parquet",
+                 {**LM_DEFAULTS, "train": {**_LM_TRAIN, "epochs": 2.0}}),
+        TaskSpec("text", "lm", "your UTF-8 files: --set data.train_files=[a.txt] (optional val_files/test_files)",
+                 {**LM_DEFAULTS, "train": {**_LM_TRAIN, "batch_size": 32, "epochs": 1.0}}),
+        TaskSpec("imdb", "cls", "DATA_DIR/imdb/imdb_{train,test}.jsonl.xz, an aclImdb folder, or HF parquet",
+                 {"preset": "paper-17m", "model": {"n_classes": 2}, "train": _CLS_TRAIN,
+                  "data": {"seq_len": 256, "tokenizer": "gpt2"}}),
+        TaskSpec("lra-text", "cls", "DATA_DIR/imdb/imdb_{train,test}.jsonl.xz, an aclImdb folder, or HF parquet",
                  {"preset": "paper-17m", "model": {"n_classes": 2, "bidirectional": True},
-                  "train": {"lr": 1e-4, "min_lr": 1e-6, "warmup_steps": 500, "batch_size": 32, "max_steps": 20000},
-                  "data": {"seq_len": 1000}}, "imdb"),
-        TaskSpec("listops", "cls", "LRA ListOps (generated with the LRA procedure; 10 classes)",
-                 "generated locally (no download); cached under DATA_DIR/listops_cache",
+                  "train": {**_LRA_TRAIN, "max_steps": 20000}, "data": {"seq_len": 1000, "tokenizer": "bytes"}}),
+        TaskSpec("listops", "cls", "generated on first use (LRA procedure), cached under data.cache_dir; or LRA "
+                 "basic_{train,val,test}.tsv files via data.path",
                  {"preset": "paper-17m", "model": {"n_classes": 10, "bidirectional": True},
-                  "train": {"lr": 1e-4, "min_lr": 1e-6, "warmup_steps": 1000, "batch_size": 32, "max_steps": 5000},
-                  "data": {"seq_len": 2000}}, "listops"),
-        TaskSpec("listops-flat", "cls", "the paper's flat 'ListOps' (one operator over 4-8 digits; not LRA)",
-                 "generated locally (no download)",
-                 {"preset": "paper-17m", "model": {"n_classes": 10},
-                  "train": {"lr": 5e-5, "min_lr": 1e-6, "warmup_steps": 100, "batch_size": 32, "epochs": 4.0},
-                  "data": {"seq_len": 32}}, "listops_flat"),
+                  "train": {**_LRA_TRAIN, "max_steps": 5000}, "data": {"seq_len": 2000}}),
+        TaskSpec("listops-flat", "cls", "generated on the fly (no download)",
+                 {"preset": "paper-17m", "model": {"n_classes": 10}, "train": _CLS_TRAIN,
+                  "data": {"seq_len": 10, "listops_train": 10000, "listops_val": 1000, "listops_test": 1000,
+                           "listops_max_args": 8}}),
     ]
 }
 
 
 def task_defaults(name: str) -> dict:
     return TASKS[name].defaults
+
+
+def data_options(cfg: RunConfig) -> dict:
+    """Keyword arguments of chiarformer.data.load_task for this run (only those the task takes)."""
+    from ..data import task_options
+
+    d = cfg.data
+    candidates = {
+        "stride": d.eval_stride or None,
+        "variant": d.variant,
+        "tokenizer": d.tokenizer,
+        "path": d.path or None,
+        "val_fraction": d.val_fraction,
+        "test_fraction": d.test_fraction,
+        "seed": d.data_seed,
+        "train": list(d.train_files) or None,
+        "val": list(d.val_files) or None,
+        "test": list(d.test_files) or None,
+        "n_train": d.listops_train,
+        "n_val": d.listops_val,
+        "n_test": d.listops_test,
+        "min_length": d.listops_min_length,
+        "max_length": d.listops_max_length,
+        "max_depth": d.listops_max_depth,
+        "min_args": d.listops_min_args,
+        "max_args": d.listops_max_args,
+        "style": d.listops_tokens,
+        "workers": d.workers or None,
+    }
+    accepted = task_options(cfg.task)
+    return {k: v for k, v in candidates.items() if k in accepted}
+
+
+class ClassificationView:
+    """chiarformer.data.ClassificationData as the engine's dataset (kind, batch, n_tokens)."""
+
+    kind = "cls"
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, indices) -> dict:
+        return self.data.batch(np.asarray(indices, dtype=np.int64))
+
+    def n_tokens(self, batch: dict) -> int:
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def load_task(cfg: RunConfig, quiet: bool = False, splits: tuple[str, ...] | None = None) -> TaskData:
+    """Load the run's task through chiarformer.data and wrap it for the engine."""
+    from .. import data as D
+
+    if cfg.task not in TASKS:
+        raise UserError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
+    d = cfg.data
+    if not quiet:
+        print(f"preparing task {cfg.task} (cached after the first time)", file=sys.stderr, flush=True)
+    task = D.load_task(cfg.task, data_dir=d.data_dir or None, cache_dir=d.cache_dir or None, seq_len=d.seq_len,
+                       **data_options(cfg))
+    protocol = dict(task.protocol)
+    if task.kind == "lm":
+        train_tokens = task.train[: d.max_train_tokens] if d.max_train_tokens else task.train
+        stride = d.eval_stride or d.seq_len
+        if len(train_tokens) < d.seq_len:
+            raise UserError(f"task {cfg.task}: {len(train_tokens)} training tokens are fewer than one window of "
+                            f"data.seq_len={d.seq_len}")
+        if d.max_train_tokens:
+            protocol["train_tokens_used"] = int(len(train_tokens))
+        return TaskData(
+            kind="lm",
+            train=LMWindows(train_tokens, d.seq_len),
+            val=LMWindows.for_eval(task.val, d.seq_len, stride),
+            test=LMWindows.for_eval(task.test, d.seq_len, stride),
+            vocab_size=task.vocab_size,
+            protocol=protocol,
+            token_bytes=task.tokenizer.token_byte_lengths(),
+            tokenizer=task.tokenizer,
+            pad_id=task.pad_id,
+        )
+    train = task.train
+    if d.max_examples and d.max_examples < len(train):
+        train = train.select(np.arange(d.max_examples))
+        protocol["train_examples_used"] = d.max_examples
+    return TaskData(
+        kind="cls",
+        train=ClassificationView(train),
+        val=ClassificationView(task.val),
+        test=ClassificationView(task.test),
+        vocab_size=task.vocab_size,
+        n_classes=int(task.n_classes),
+        protocol=protocol,
+        tokenizer=task.tokenizer,
+        pad_id=task.pad_id,
+    )
+
+
+def tokenizer_for(cfg: RunConfig):
+    """The run's tokenizer without loading its data."""
+    from ..data import ListOpsTokenizer, get_tokenizer
+
+    if cfg.task in ("listops", "listops-flat"):
+        return ListOpsTokenizer(cfg.data.listops_tokens)
+    return get_tokenizer(cfg.data.tokenizer)
 
 
 def finalize_model_config(cfg: RunConfig, data: TaskData) -> None:
@@ -91,23 +198,3 @@ def finalize_model_config(cfg: RunConfig, data: TaskData) -> None:
         changes["max_seq_len"] = cfg.data.seq_len
     if changes:
         cfg.model = cfg.model.replace(**changes)
-
-
-def load_task(cfg: RunConfig, quiet: bool = False, splits: tuple[str, ...] | None = None) -> TaskData:
-    """Build the task's data. `splits` limits what must be present (e.g. ("test",) for evaluation)."""
-    if cfg.task not in TASKS:
-        raise UserError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
-    spec = TASKS[cfg.task]
-    from . import adapters
-
-    loader: Callable = getattr(adapters, spec.loader)
-    data = loader(cfg, spec, quiet=quiet, splits=splits)
-    data.protocol.setdefault("task", cfg.task)
-    return data
-
-
-def tokenizer_for(cfg: RunConfig):
-    """The tokenizer of a run's task, without loading its data (None when the task has none)."""
-    from . import adapters
-
-    return adapters.tokenizer_for(cfg)
