@@ -246,10 +246,10 @@ def _lra_text(*, data_dir, cache, seq_len, val_fraction=0.1, seed=0, tokenizer="
     return _imdb_task("lra-text", 1000, data_dir=data_dir, cache=cache, seq_len=seq_len, val_fraction=val_fraction, seed=seed, tokenizer=tokenizer, path=path)
 
 
-def _listops_examples(rows: dict, tok: ListOpsTokenizer, seq_len: int, cache: Cache, key: dict) -> dict[str, ClassificationData]:
+def _listops_examples(read_rows, tok: ListOpsTokenizer, seq_len: int, cache: Cache, key: dict) -> dict[str, ClassificationData]:
     def build():
         arrays = {}
-        for split, split_rows in rows().items():
+        for split, split_rows in read_rows().items():
             data = ClassificationData.from_sequences([tok.encode(s) for s, _ in split_rows], [t for _, t in split_rows], tok.pad_id)
             arrays |= {f"{split}_tokens": data.tokens, f"{split}_offsets": data.offsets, f"{split}_labels": data.labels}
         return arrays

@@ -15,8 +15,8 @@ gpt2_tokenizer; tiktoken's cache; the Hugging Face hub cache (gpt2 / openai-comm
 and last a tiktoken download when its host answers. A folder may hold encoder.json + vocab.bpe
 (OpenAI names) or vocab.json + merges.txt (Hugging Face names).
 
-tiktoken is used rather than HF `tokenizers`: on the WikiText files it encodes about 10x
-faster (measured in benchmarks/bench_data.py's notes, docs/data.md).
+tiktoken is used rather than HF `tokenizers`: on the same WikiText chunks it encoded about
+10x faster on these machines (docs/data.md).
 """
 
 from __future__ import annotations
