@@ -422,11 +422,23 @@ def _fmt(x: float) -> str:
     return f"{x:.0f}"
 
 
+def _runs(values: list[float]) -> str:
+    """0.00, 0.50 x26, 1.00: repeated neighbours collapsed."""
+    parts: list[list] = []
+    for v in values:
+        text = f"{v:.2f}"
+        if parts and parts[-1][0] == text:
+            parts[-1][1] += 1
+        else:
+            parts.append([text, 1])
+    return ", ".join(t if n == 1 else f"{t} x{n}" for t, n in parts)
+
+
 def format_comparison(cmp: Comparison, preset: str | None = None, per_layer: bool = False) -> str:
     base, chiar = cmp.baseline, cmp.chiar
     cfg = chiar.config
     t = chiar.seq_len
-    shares = ", ".join(f"{s:.2f}" for s in chiar.attention_share_per_layer)
+    shares = _runs(chiar.attention_share_per_layer)
     lines = [
         f"Forward multiply-adds (MACs) per token, {preset or 'custom'} (d={cfg.d_model}, layers={cfg.n_layers}, "
         f"heads={cfg.n_heads}, d_ff={cfg.d_ff}, vocab={cfg.vocab_size}), T={t}",

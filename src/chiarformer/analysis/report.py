@@ -490,8 +490,8 @@ def _figures(summaries, fig_dir: Path, out, entropy: bool, max_batches: int, bat
                 stats = common.collect_routing(run.model, batches)
                 p = plot_entropy(s, stats, run.model.cfg, fig_dir / f"entropy_{_slug(s.name)}.png")
                 md.append(f"![entropy histograms, {s.name}]({link(p)})")
-            except UserError as exc:
-                md.append(f"- {s.name}: entropy histograms skipped ({exc})")
+            except (UserError, OSError) as exc:  # no checkpoint yet, data not on this machine, ...
+                md.append(f"- {s.name}: entropy histograms skipped ({' '.join(str(exc).split())})")
         md.append("")
 
     gate = plot_meta_gate(summaries, fig_dir / "meta_gate.png")
