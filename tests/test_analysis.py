@@ -71,7 +71,6 @@ def trained_run(workspace):
     """A real (short) training run of a routed model, through the engine."""
     from chiarformer.train.loop import train
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     run = workspace / "chiar"
     train(_run_config(workspace, "dct_attn"), run, quiet=True)
     return run
