@@ -1,6 +1,9 @@
 """WikiText loaders: official layout, HF parquet, missing splits, proxies and bad files."""
 
 import os
+import sys
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 
 from chiarformer.data import ByteTokenizer, gpt2_tokenizer, load_task, wikitext_source, wikitext_tokens
 from chiarformer.data.cache import Cache
+from chiarformer.data.hub import reachable as real_reachable  # before the fixture stubs it
 from chiarformer.errors import UserError
 
 SHARED = Path(os.environ.get("CHIAR_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -131,3 +135,29 @@ def test_parquet_without_text_column(tmp_path):
     pq.write_table(pa.table({"content": ["a"]}), folder / "test-00000-of-00001.parquet")
     with pytest.raises(UserError, match="no 'text' column"):
         wikitext_tokens("103", "test", ByteTokenizer(), data_dir=tmp_path)
+
+
+def test_hub_source_fails_fast_and_clearly(tmp_path, monkeypatch):
+    calls = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append(args)
+        raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)\nmore detail")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(UserError, match="huggingface.co unreachable"):
+        wikitext_source("103", "train", data_dir=tmp_path)
+    assert calls == []  # an unreachable hub is never asked
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline mode asks the local datasets cache only
+    with pytest.raises(UserError, match="Couldn't reach") as e:
+        wikitext_source("103", "train", data_dir=tmp_path)
+    assert calls and "\n" not in str(e.value)
+
+
+def test_reachability_probe_is_bounded(monkeypatch):
+    # A lookup or connect that hangs (socket timeouts do not cover DNS) costs the timeout only.
+    monkeypatch.setattr("socket.create_connection", lambda *a, **k: time.sleep(5))
+    start = time.monotonic()
+    assert real_reachable("huggingface.co", timeout=0.3) is False
+    assert time.monotonic() - start < 2
+    assert real_reachable("name.invalid", timeout=0.3) is False
