@@ -102,6 +102,30 @@ def test_sparse_execution_skips_work():
     assert mixing_flops(model) < 0.75 * mixing_flops(dense)
 
 
+def test_dct_implementations_give_the_same_model():
+    cfg = random_config(random.Random(11), layout="dct_attn", routing="threshold", dct_impl="matmul")
+    model = build(ChiarForCausalLM, cfg)
+    fft = same_weights(model, cfg.replace(dct_impl="fft"))
+    torch.nn.init.normal_(model.model.layers[0].dct.filter)  # a non-trivial filter
+    fft.load_state_dict(model.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        a, b = model(ids, return_routing=True), fft(ids, return_routing=True)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.routing[1].entropy, b.routing[1].entropy, atol=1e-5, rtol=0)
+
+
+def test_frozen_dct_operator_follows_filter_updates():
+    cfg = random_config(random.Random(12), layout="dct_only", dct_impl="matmul")
+    model = build(ChiarForCausalLM, cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 10))
+    with torch.no_grad():
+        before = model(ids).logits
+        model.model.layers[0].dct.filter.copy_(torch.randn(cfg.d_model))
+        after = model(ids).logits
+    assert (before - after).abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------- causality
 def assert_causal(model, cfg, rng, t_cut=None):
     t = rng.randint(16, 64)

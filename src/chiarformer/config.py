@@ -25,6 +25,7 @@ EXECUTIONS = ("sparse", "dense")
 NORMS = ("post", "pre")
 RBF_FORMS = ("causal_linear", "reference_quadratic")
 DCT_SCALES = ("ortho", "reference")
+DCT_IMPLS = ("auto", "matmul", "fft")
 
 # The mean of E[z^2 log z^2] for z ~ N(0, 1) (= 2 - Euler's gamma - ln 2). A Gaussian vector
 # of size d has normalised spectral entropy close to 1 - GAUSS_ENTROPY_GAP / ln d (0.868 at
@@ -67,6 +68,7 @@ class ChiarConfig:
     rbf_features: int = 64  # random Fourier frequencies R (features are [cos, sin]: 2R values)
     rbf_gamma: float = 1.0  # RBF kernel width: k(q, k) = exp(-gamma |q - k|^2 / 2)
     dct_scale: str = "ortho"  # ortho | reference (published: the DCT round trip gives 2x)
+    dct_impl: str = "auto"  # auto (fastest measured on the device) | matmul (d^2) | fft (d log d)
     allow_noncausal: bool = False  # let a causal LM use options that leak the future (labelled)
     rope_base: float = 10000.0  # RoPE frequency base
     bidirectional: bool = False  # classification only: attention sees the whole sequence
@@ -170,6 +172,7 @@ class ChiarConfig:
         choice("norm", NORMS)
         choice("rbf", RBF_FORMS)
         choice("dct_scale", DCT_SCALES)
+        choice("dct_impl", DCT_IMPLS)
         layer_ops = self.layer_ops  # raises on a bad layout
         if self.routing == "topk" and any(len(ops) > 2 for ops in layer_ops):
             raise UserError("routing='topk' picks attention tokens only; use threshold/soft/hard for three operators")

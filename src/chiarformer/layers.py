@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import dct_matrix
+from .ops import dct, dct_matrix, idct, resolve_impl
 
 # Queries are processed in blocks along the sequence so each block only reads the keys up to
 # its last position: a causal mask over gathered queries would otherwise pay for all T keys.
@@ -28,20 +28,32 @@ RBF_CHUNK = 64
 class DCTMixer(nn.Module):
     """x -> iDCT(DCT(x) * w) along features, w initialised to ones (the identity filter).
 
-    Applied as one d x d matrix C^T diag(w) C built per call (d^3 once), so each token costs
-    one matrix-vector product instead of two. scale=2 reproduces the published operator,
-    whose DCT round trip returns 2x (SPEC §3.3).
+    With the matmul DCT it is applied as one d x d matrix C^T diag(w) C (one matrix-vector
+    product per token instead of two); without gradients that matrix is kept until the
+    filter changes, so token-by-token decoding does not rebuild it (d^3) at every step.
+    scale=2 reproduces the published operator, whose DCT round trip returns 2x (SPEC §3.3).
     """
 
-    def __init__(self, d_model: int, scale: float = 1.0):
+    def __init__(self, d_model: int, scale: float = 1.0, impl: str = "auto"):
         super().__init__()
         self.filter = nn.Parameter(torch.ones(d_model))
         self.scale = scale
+        self.impl = impl
+        self._frozen: tuple | None = None  # (key, matrix) built without gradients
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = dct_matrix(x.shape[-1], x.device, x.dtype)
-        operator = c.T @ (c * (self.filter.to(x.dtype) * self.scale)[:, None])
-        return x @ operator.T
+        if resolve_impl(self.impl, x.device) == "fft":
+            return idct(dct(x, "fft") * (self.filter * self.scale).to(x.dtype), "fft")
+        return x @ self.operator(x.device, x.dtype).T
+
+    def operator(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (self.filter._version, self.filter.data_ptr(), device, dtype)
+        if not torch.is_grad_enabled() and self._frozen is not None and self._frozen[0] == key:
+            return self._frozen[1]
+        c = dct_matrix(self.filter.shape[0], device, dtype)
+        matrix = c.T @ (c * (self.filter.to(dtype) * self.scale)[:, None])
+        self._frozen = (key, matrix) if not torch.is_grad_enabled() else None
+        return matrix
 
 
 class FeedForward(nn.Module):

@@ -46,7 +46,9 @@ class ChiarLayer(nn.Module):
         self.causal = not cfg.bidirectional
         # Soft routing blends every operator's output, so it always computes them all.
         self.dense = cfg.execution == "dense" or cfg.routing == "soft"
-        self.dct = DCTMixer(cfg.d_model, 2.0 if cfg.dct_scale == "reference" else 1.0) if DCT in self.ops else None
+        scale = 2.0 if cfg.dct_scale == "reference" else 1.0
+        self.dct = DCTMixer(cfg.d_model, scale, cfg.dct_impl) if DCT in self.ops else None
+        self.dct_impl = cfg.dct_impl
         self.mixer = TokenMixer(cfg, with_rbf=RBF in self.ops) if ATTN in self.ops or RBF in self.ops else None
         self.router = Router(cfg, self.ops, cfg.layer_taus(index)) if len(self.ops) > 1 else None
         self.norm_mix = nn.LayerNorm(cfg.d_model)
@@ -72,7 +74,7 @@ class ChiarLayer(nn.Module):
         entropy = None
         if self.router is not None or want_entropy:
             with torch.no_grad():  # a routing statistic: the router learns through its Linear
-                entropy = spectral_entropy(h)
+                entropy = spectral_entropy(h, self.dct_impl)
         new_mask = None if key_mask is None else key_mask[:, -h.shape[1] :]
         if self.router is not None:
             decision = self.router(h, entropy, new_mask)
