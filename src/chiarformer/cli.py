@@ -143,7 +143,7 @@ def cmd_quickstart(args) -> int:
     from .quickstart import run_quickstart
 
     run_quickstart(steps=args.steps, seed=args.seed, out=args.out, threads=args.threads, quiet=args.quiet,
-                   n_train=args.examples)
+                   n_train=args.examples, lengths=tuple(args.lengths) if args.lengths else None, depth=args.max_depth)
     return 0
 
 
@@ -153,8 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("quickstart", help="train baseline and CHIAR-Former on generated ListOps (CPU, no downloads, < 5 min)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default: sized for ~2 min each on 2 cores)")
-    p.add_argument("--examples", type=int, default=None, help="generated training examples (default 6000)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default 1000: about 2 min each on 2 cores)")
+    p.add_argument("--examples", type=int, default=None, help="generated training expressions (default 16000)")
+    p.add_argument("--lengths", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                   help="ListOps lengths, exclusive bounds (default 30 150; LRA: 500 2000)")
+    p.add_argument("--max-depth", type=int, default=None, help="ListOps maximum depth (default 4; LRA: 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("--out", default=None, help="keep the two run folders here (default: a temporary folder)")
@@ -191,14 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_plugins(sub) -> None:
-    import importlib
+    from .analysis import cli as analysis_cli
 
-    try:
-        analysis_cli = importlib.import_module("chiarformer.analysis.cli")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("chiarformer.analysis.cli", "chiarformer.analysis"):
-            raise
-        return
     analysis_cli.register(sub)
 
 

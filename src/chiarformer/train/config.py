@@ -54,6 +54,7 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters with FSDP2 fully_shard instead of DDP (multi-GPU, e.g. paper-400m)
     num_threads: int = 0  # CPU threads per process; 0 = all cores divided by the local process count
     deterministic: bool = False  # CUDA: deterministic kernels (slower); CPU runs are reproducible anyway at a fixed thread count
+    bucket_batches: int = 0  # classification: sort each group of this many batches by length (less padding); 0 = off
     log_every: int = 10  # optimizer steps between metrics lines (and progress-bar updates)
     eval_every: int = 0  # optimizer steps between validation passes; 0 = 10 per run
     eval_batches: int = 0  # cap on validation batches per periodic pass; 0 = whole split (final passes: always whole)
@@ -362,7 +363,7 @@ def validate_section(obj: Any, name: str) -> None:
 
     if isinstance(obj, TrainConfig):
         positive("batch_size", "lr", "log_every")
-        positive("max_steps", "micro_batch_size", "warmup_steps", "eval_every", "eval_batches", "eval_batch_size",
+        positive("max_steps", "micro_batch_size", "warmup_steps", "eval_every", "eval_batches", "eval_batch_size", "bucket_batches",
                  "ckpt_every", "num_threads", "weight_decay", "grad_clip", "min_lr", "epochs", allow_zero=True)
         choice("precision", PRECISIONS)
         choice("device", DEVICES)

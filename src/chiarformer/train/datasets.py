@@ -98,6 +98,9 @@ class ClassificationSet:
     def __len__(self) -> int:
         return len(self.sequences)
 
+    def lengths(self) -> np.ndarray:
+        return np.asarray([len(s) for s in self.sequences], dtype=np.int64)
+
     def batch(self, indices) -> dict[str, torch.Tensor]:
         seqs = [self.sequences[i] for i in indices]
         width = max(1, max(len(s) for s in seqs))
@@ -133,23 +136,37 @@ class TaskData:
 
 
 class BatchSampler:
-    """Global batches of example indices from seeded per-epoch permutations; resumable."""
+    """Global batches of example indices from seeded per-epoch permutations; resumable.
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
+    With `lengths` and bucket > 1, each epoch's permutation is cut into groups of
+    bucket * batch_size examples, each group is sorted by length and cut into batches, and the
+    batches of a group are shuffled: batches hold examples of similar length (less padding)
+    while the order stays a pure function of (seed, epoch), so (epoch, offset) still resumes it.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, lengths=None, bucket: int = 0):
         if n <= 0:
             raise ValueError("empty dataset")
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.lengths = None if lengths is None or bucket <= 1 else np.asarray(lengths)
+        self.bucket = bucket
         self.epoch, self.offset = 0, 0
         self._perm_epoch, self._perm = -1, None
 
     def _permutation(self) -> np.ndarray:
         if self._perm_epoch != self.epoch:
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, self.epoch, 0x5EED])
-                self._perm = rng.permutation(self.n)
-            else:
-                self._perm = np.arange(self.n)
-            self._perm_epoch = self.epoch
+            rng = np.random.default_rng([self.seed, self.epoch, 0x5EED])
+            perm = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+            if self.lengths is not None:
+                group = self.bucket * self.batch_size
+                parts = []
+                for start in range(0, self.n, group):
+                    chunk = perm[start : start + group]
+                    chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                    batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+                    parts += [batches[i] for i in rng.permutation(len(batches))]
+                perm = np.concatenate(parts)
+            self._perm, self._perm_epoch = perm, self.epoch
         return self._perm
 
     def next_batch(self) -> np.ndarray:

@@ -43,14 +43,22 @@ def evaluate(
     n = len(dataset)
     per_step = batch_size * info.world
     n_steps = math.ceil(n / per_step)
+    complete = not max_batches or max_batches >= n_steps
     if max_batches:
         n_steps = min(n_steps, max_batches)
+    order = np.arange(n)
+    if dataset.kind != "lm":
+        if not complete:  # a fixed random subset, not the first examples
+            order = np.random.default_rng(0).permutation(n)[: n_steps * per_step]
+        if hasattr(dataset, "lengths"):  # similar lengths together: less padding, same metrics
+            order = order[np.argsort(np.asarray(dataset.lengths())[order], kind="stable")]
+    n_items = len(order) if dataset.kind != "lm" else n
     n_layers = model.cfg.n_layers
     sums = torch.zeros(5 + n_layers * N_OPS, dtype=torch.float64)  # nats, targets, correct, bytes, examples, ops
     lm = dataset.kind == "lm"
     byte_table = torch.as_tensor(token_bytes, dtype=torch.float64) if (lm and token_bytes is not None) else None
     for step in range(n_steps):
-        global_idx = np.arange(step * per_step, min(n, (step + 1) * per_step))
+        global_idx = order[step * per_step : min(n_items, (step + 1) * per_step)]
         idx = shard(global_idx, info.rank, info.world)
         dummy = len(idx) == 0
         if dummy:
@@ -103,7 +111,7 @@ def evaluate(
         metrics["bpb"] = None
         metrics["examples"] = int(examples)
     metrics["op_share"] = shares(sums[5:].view(n_layers, N_OPS))
-    metrics["complete"] = not max_batches or n_steps >= math.ceil(n / per_step)
+    metrics["complete"] = complete
     return metrics
 
 

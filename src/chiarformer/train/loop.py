@@ -138,7 +138,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                            eps=t.eps, **fused)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.sampler = BatchSampler(n_train, t.batch_size, seed=t.seed)
+        lengths = data.train.lengths() if (t.bucket_batches > 1 and hasattr(data.train, "lengths")) else None
+        self.sampler = BatchSampler(n_train, t.batch_size, seed=t.seed, lengths=lengths, bucket=t.bucket_batches)
         self.step = 0
         self.tokens_seen = 0
         self.train_time = 0.0

@@ -122,6 +122,9 @@ class ClassificationView:
     def __len__(self) -> int:
         return len(self.data)
 
+    def lengths(self) -> np.ndarray:
+        return np.asarray(self.data.lengths())
+
     def batch(self, indices) -> dict:
         return self.data.batch(np.asarray(indices, dtype=np.int64))
 
