@@ -15,7 +15,7 @@ import yaml
 from chiarformer.cli import main
 
 TINY = ["model.d_model=32", "model.n_layers=3", "model.n_heads=2", "data.seq_len=32", "train.batch_size=8",
-        "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=2", "data.tokenizer=bytes"]
+        "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=2", "data.tokenizer=bytes", "train.device=cpu"]
 
 
 def write_corpus(path: Path, n_words: int, seed: int) -> Path:

@@ -22,7 +22,7 @@ from chiarformer.train.loop import TrainingDiverged, lr_at, param_groups
 from chiarformer.train.runs import evaluate_run, read_metrics
 
 TINY = ["model.d_model=32", "model.n_layers=3", "model.n_heads=2", "data.seq_len=32", "train.batch_size=8",
-        "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=2", "data.tokenizer=bytes"]
+        "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=2", "data.tokenizer=bytes", "train.device=cpu"]
 
 
 def write_corpus(path: Path, n_words: int, seed: int) -> Path:
@@ -286,7 +286,7 @@ def test_classification_run_and_save_model_into_run(tmp_path):
     data = TaskData("cls", ClassificationSet(seqs[:48], labels[:48]), ClassificationSet(seqs[48:56], labels[48:56]),
                     ClassificationSet(seqs[56:], labels[56:]), vocab_size=20, n_classes=2,
                     protocol={"source": "synthetic"})
-    cfg = resolve("listops", "tiny", "dct_attn", sets=TINY[:-1] + ["model.routing=topk", "model.attn_fraction=0.25",
+    cfg = resolve("listops", "tiny", "dct_attn", sets=TINY + ["model.routing=topk", "model.attn_fraction=0.25",
                                                                     "train.max_steps=6", "train.eval_every=3"])
     run = tmp_path / "cls"
     results = train(cfg, run, data=data, quiet=True)
