@@ -105,11 +105,15 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, setup):
     assert evals == [(r["split"], r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref") if r["kind"] == "eval"]
 
 
-def test_ddp_two_gloo_processes_match_one_process(tmp_path, setup):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(tmp_path, setup, mode):
+    """DDP (and FSDP2 fully_shard) over 2 CPU processes reach the losses of one process."""
     sets, env = setup
     # 2 processes x 2 micro-batches of 2 = the same global batch of 8 as one process (no accumulation)
     sets = sets + ["train.max_steps=6", "train.eval_every=3", "train.micro_batch_size=2"]
     single = train(resolve("text", "tiny", "dct_attn", sets=sets[:-1]), tmp_path / "one", quiet=True)
+    if mode == "fsdp":
+        sets = sets + ["train.fsdp=true"]
 
     run = tmp_path / "ddp"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
