@@ -19,6 +19,8 @@ import time
 import torch
 
 from chiarformer import ChiarConfig, ChiarForCausalLM
+from chiarformer.flops import MIXING, count_flops
+from chiarformer.ops import resolve_impl
 
 
 def timed(fn, device: str) -> float:
@@ -51,22 +53,22 @@ def mixing_step(layer, h, pos):
     return step
 
 
-def analytic_mixing_macs(d: int, t: int, f: float) -> tuple[float, float]:
-    """Multiply-adds per sequence of the mixing sub-layer: (full causal attention, routed)."""
-    full = 4 * d * d * t + d * t * (t + 1)  # QKVO + causal scores and weighted sum
-    routed = (
-        2 * d * d * t  # K, V for every token
-        + f * t * 2 * d * d  # Q and output projection of attention tokens
-        + f * d * t * (t + 1)  # their causal scores and weighted sum (average position)
-        + (1 - f) * t * 2 * d * d  # DCT + filter + inverse for the other tokens
-        + t * d * d  # spectral entropy's DCT for every token
-    )
-    return full, routed
+def analytic_mixing_ratio(full_cfg, routed_cfg, t: int, f: float, device: str) -> float:
+    """Forward MACs of the first layer's token-mixing sub-layer, routed / full (chiarformer.flops)."""
+    dct_cost = "matmul" if resolve_impl(routed_cfg.dct_impl) == "matmul" else "fft"
+
+    def mixing(cfg):
+        layer = count_flops(cfg, t, attn_fraction=f, dct_cost=dct_cost).layers[0]
+        return sum(layer.macs.get(c, 0.0) for c in MIXING)
+
+    return mixing(routed_cfg) / mixing(full_cfg)
 
 
 def bench_sublayer(args) -> None:
     d, heads, t, b, f = args.d_model, args.n_heads, args.seq_len, args.batch, args.attn_fraction
-    common = dict(vocab_size=32, d_model=d, n_heads=heads, n_layers=3, max_seq_len=t, dropout=0.0, allow_noncausal=True)
+    common = dict(
+        vocab_size=32, d_model=d, n_heads=heads, n_layers=3, max_seq_len=t, dropout=0.0, allow_noncausal=True, dct_impl=args.dct_impl
+    )
     full_cfg = ChiarConfig(layout="A,A,A", **common)
     routed_cfg = ChiarConfig(layout="DA,DA,A", routing="topk", attn_fraction=f, **common)
     layers = {
@@ -78,12 +80,11 @@ def bench_sublayer(args) -> None:
     pos = torch.arange(t, device=args.device)
     steps = {name: mixing_step(layer.to(args.device), h, pos) for name, layer in layers.items()}
     med = race(steps, args.repeats, args.device)
-    full_macs, routed_macs = analytic_mixing_macs(d, t, f)
     base = med["full causal attention"]
-    print(f"\n## Token-mixing sub-layer, forward+backward ({args.device}, d={d}, heads={heads}, T={t}, batch={b}, attention share {f:.0%}, top-k routing)")
+    print(f"\n## Token-mixing sub-layer, forward+backward ({args.device}, DCT {args.dct_impl}, d={d}, heads={heads}, T={t}, batch={b}, attention share {f:.0%}, top-k routing)")
     print("| variant | median ms | time vs full attention | analytic MACs vs full attention |")
     print("|---|---|---|---|")
-    analytic = {"full causal attention": 1.0, "routed, sparse": routed_macs / full_macs, "routed, dense": None}
+    analytic = {"full causal attention": 1.0, "routed, sparse": analytic_mixing_ratio(full_cfg, routed_cfg, t, f, args.device), "routed, dense": None}
     for name, sec in med.items():
         a = analytic[name]
         print(f"| {name} | {sec * 1e3:.1f} | {sec / base:.2f}x | {'n/a (computes both)' if a is None else f'{a:.2f}x'} |")
@@ -92,7 +93,9 @@ def bench_sublayer(args) -> None:
 
 def bench_whole_model(args) -> None:
     t, b = args.whole_seq_len, args.whole_batch
-    common = dict(vocab_size=32, d_model=args.d_model, n_heads=args.n_heads, n_layers=4, max_seq_len=t, dropout=0.0)
+    common = dict(
+        vocab_size=32, d_model=args.d_model, n_heads=args.n_heads, n_layers=4, max_seq_len=t, dropout=0.0, dct_impl=args.dct_impl
+    )
     models = {
         "baseline": ChiarForCausalLM(ChiarConfig(layout="baseline", **common)),
         "dct_attn, top-k 25%": ChiarForCausalLM(
@@ -129,6 +132,7 @@ def main() -> None:
     p.add_argument("--whole-seq-len", type=int, default=2048)
     p.add_argument("--whole-batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--dct-impl", default="auto", choices=["auto", "matmul", "fft"])
     args = p.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -42,7 +42,7 @@ class DCTMixer(nn.Module):
         self._frozen: tuple | None = None  # (key, matrix) built without gradients
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if resolve_impl(self.impl, x.device) == "fft":
+        if resolve_impl(self.impl) == "fft":
             return idct(dct(x, "fft") * (self.filter * self.scale).to(x.dtype), "fft")
         return x @ self.operator(x.device, x.dtype).T
 
