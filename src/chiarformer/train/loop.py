@@ -327,7 +327,9 @@ class Trainer:
             stats[3] += self.data.train.n_tokens(batch)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             sync = m == self.accum - 1
-            no_sync = getattr(self.train_model, "no_sync", None)
+            if self.fsdp:  # FSDP2: reduce-scatter gradients on the last micro-batch only
+                self.model.set_requires_gradient_sync(sync)
+            no_sync = None if self.fsdp else getattr(self.train_model, "no_sync", None)
             ctx = no_sync() if (not sync and no_sync is not None) else contextlib.nullcontext()
             with ctx:
                 with self.autocast():
