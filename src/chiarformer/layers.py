@@ -21,6 +21,16 @@ from .ops import dct, dct_matrix, idct, resolve_impl
 # Queries are processed in blocks along the sequence so each block only reads the keys up to
 # its last position: a causal mask over gathered queries would otherwise pay for all T keys.
 QUERY_BLOCKS = 4
+# Data-dependent sizes (routed query counts, key ranges) are rounded up to one of this many
+# steps of the sequence length, so kernels that plan per shape (cuDNN attention,
+# torch.compile) see few distinct shapes, at a cost of at most 1/SHAPE_STEPS extra work.
+SHAPE_STEPS = 16
+
+
+def round_up(n: int, limit: int) -> int:
+    """n rounded up to a multiple of max(8, limit / SHAPE_STEPS), at most limit."""
+    step = max(8, limit // SHAPE_STEPS)
+    return min(-(-n // step) * step, limit)
 # Chunk length of the causal linear-time RBF kernel attention.
 RBF_CHUNK = 64
 
@@ -120,6 +130,7 @@ class TokenMixer(nn.Module):
         """Softmax attention of queries at positions q_pos (B, N) over keys 0..Tk-1.
 
         Causal: query at position p sees keys 0..p. key_mask (B, Tk) marks real (non-pad) keys.
+        Gathered queries ascend along each row, so blocks of them need only a prefix of the keys.
         """
         dropout = self.dropout if self.training else 0.0
         n_q, n_k = q.shape[2], k.shape[2]
@@ -132,17 +143,18 @@ class TokenMixer(nn.Module):
         q_pos = q_pos.expand(q.shape[0], n_q) if q_pos.dim() == 1 else q_pos
         key_pos = torch.arange(n_k, device=q.device)
         blocks = QUERY_BLOCKS if n_q >= 4 * QUERY_BLOCKS else 1
+        bounds = [(int(b[0]), int(b[-1]) + 1) for b in torch.arange(n_q).tensor_split(blocks)]
+        # One host sync for all blocks: the last key any query of each block may see.
+        last_keys = torch.stack([q_pos[:, lo:hi].amax() for lo, hi in bounds]).tolist()
         outputs = []
-        for block in torch.arange(n_q, device=q.device).tensor_split(blocks):
-            lo, hi = int(block[0]), int(block[-1]) + 1
-            block_pos = q_pos[:, lo:hi]  # ascending within each row
-            last_key = int(block_pos.max()) + 1  # no query of the block sees beyond this
-            mask = key_pos[:last_key] <= block_pos[:, :, None]  # (B, n, last_key)
+        for (lo, hi), last in zip(bounds, last_keys):
+            n_keys = round_up(last + 1, n_k)
+            mask = key_pos[:n_keys] <= q_pos[:, lo:hi, None]  # (B, n, n_keys)
             if key_mask is not None:
-                mask = mask & key_mask[:, None, :last_key]
+                mask = mask & key_mask[:, None, :n_keys]
             outputs.append(
                 F.scaled_dot_product_attention(
-                    q[:, :, lo:hi], k[:, :, :last_key], v[:, :, :last_key], attn_mask=mask[:, None], dropout_p=dropout
+                    q[:, :, lo:hi], k[:, :, :n_keys], v[:, :, :n_keys], attn_mask=mask[:, None], dropout_p=dropout
                 )
             )
         return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]

@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import ATTN, DCT, RBF, ChiarConfig
 from .errors import UserError
-from .layers import DCTMixer, FeedForward, TokenMixer
+from .layers import DCTMixer, FeedForward, TokenMixer, round_up
 from .ops import spectral_entropy
 from .routing import Decision, MetaRouter, Router, RoutingInfo, collapse_penalty
 
@@ -120,6 +120,8 @@ class ChiarLayer(nn.Module):
         operator, are a permutation of the tokens: one index_select puts them back in order.
         """
         b, t, d = h.shape
+        if len(self.ops) == 1 and self.ops[0] == DCT:
+            return self.dct(h)
         flat_h = h.reshape(b * t, d)
         flat_ops = decision.ops.reshape(-1)
         rows, outputs = [], []
@@ -149,19 +151,23 @@ class ChiarLayer(nn.Module):
         """
         b, t, d = h.shape
         counts = selected.sum(1)
-        n = int(counts.max())
+        n, fewest = torch.stack([counts.max(), counts.min()]).tolist()  # one host sync
         if n == 0:
             return selected.new_zeros(0, dtype=torch.long), h.new_zeros(0, d)
-        if int(counts.min()) == t:  # every token attends: no gather needed
+        if fewest == t:  # every token attends: no gather needed
             y = self.mixer.project_out(self.mixer.attend(self.mixer.queries(h, pos), k, v, pos, key_mask, self.causal))
             return torch.arange(b * t, device=h.device), y.reshape(b * t, d)
-        # Per row, the selected positions first (in order), padded with unselected ones.
+        # Per row, the selected positions first (in order), padded with unselected ones (whose
+        # outputs are dropped) up to a rounded count, so shapes repeat across batches.
+        n = round_up(n, t)
         idx = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :n]
-        q_pos = pos[idx]
-        hq = h.gather(1, idx[..., None].expand(b, n, d))
-        y = self.mixer.attend(self.mixer.queries(hq, q_pos), k, v, q_pos, key_mask, self.causal)
-        y = self.mixer.project_out(y)
         valid = torch.arange(n, device=h.device) < counts[:, None]
+        hq = h.gather(1, idx[..., None].expand(b, n, d))
+        q = self.mixer.queries(hq, pos[idx])
+        # Padding queries are masked as if at position 0 (key 0 only): whatever their real
+        # positions, they must not widen the key range that real queries' blocks read.
+        y = self.mixer.attend(q, k, v, torch.where(valid, pos[idx], 0), key_mask, self.causal)
+        y = self.mixer.project_out(y)
         rows = (torch.arange(b, device=h.device)[:, None] * t + idx)[valid]
         return rows, y[valid]
 

@@ -38,6 +38,7 @@ class Router(nn.Module):
         super().__init__()
         self.mode = cfg.routing
         self.order = tuple(op for op in ENTROPY_ORDER if op in ops)
+        self.register_buffer("order_ids", torch.tensor(self.order), persistent=False)
         self.attn_fraction = cfg.attn_fraction
         self.register_buffer("tau", torch.tensor(taus, dtype=torch.float32))
         if self.mode in ("soft", "hard"):
@@ -47,7 +48,7 @@ class Router(nn.Module):
         self.tau.copy_(torch.tensor(taus, dtype=torch.float32))
 
     def forward(self, h: torch.Tensor, entropy: torch.Tensor, key_mask: torch.Tensor | None) -> Decision:
-        order = torch.tensor(self.order, device=h.device)
+        order = self.order_ids
         if self.mode == "threshold":
             # bucketize: H <= tau_0 -> first operator, ..., H > tau_last -> attention
             return Decision(order[torch.bucketize(entropy, self.tau)], None, None)
