@@ -64,15 +64,20 @@ class Router(nn.Module):
         return Decision(order[choice], probs, weight)
 
     def top_k(self, entropy: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """The round(attn_fraction * T) highest-entropy tokens of each sequence go to attention."""
-        t = entropy.shape[1]
-        k = int(round(self.attn_fraction * t))
-        ops = torch.full_like(entropy, DCT, dtype=torch.long)
-        if k == 0:
-            return ops
-        score = entropy if key_mask is None else entropy.masked_fill(~key_mask, -1.0)  # pads last
-        top = score.topk(k, dim=1).indices
-        return ops.scatter(1, top, ATTN)
+        """Per sequence, the round(attn_fraction * length) highest-entropy real tokens go to attention.
+
+        Without padding every sequence routes the same number of tokens (static shapes).
+        """
+        b, t = entropy.shape
+        if key_mask is None:
+            lengths = torch.full((b,), t, device=entropy.device)
+            score = entropy
+        else:
+            lengths = key_mask.sum(1)
+            score = entropy.masked_fill(~key_mask, -1.0)  # pads rank last
+        k = torch.round(self.attn_fraction * lengths.float()).long()
+        ranks = score.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+        return torch.where(ranks < k[:, None], ATTN, DCT)
 
 
 def collapse_penalty(probs: list[torch.Tensor]) -> torch.Tensor:
