@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     selected = [c for c in cases(args.device) if not args.only or c["preset"] in args.only.split(",")]
     print(f"training throughput, {args.device}, context {args.seq_len}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPU core(s)" + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
-    print(f"| preset | vocab | layout | batch | params | tokens/s (median) | range |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| preset | vocab | layout | batch | params | tokens/s (median) | range |")
+    print("|---|---|---|---|---|---|---|")
     for case in selected:
         r = measure(case, args.device, args.seq_len, steps, args.repeats, args.threads, args.compile)
         rows.append(r)

@@ -21,7 +21,7 @@ from chiarformer import ChiarConfig, ChiarForCausalLM
 from chiarformer.analysis import calibrate as cal
 from chiarformer.analysis import common
 from chiarformer.analysis.collapse import detect_collapse, tail_window, train_records
-from chiarformer.analysis.report import build_report, summarize_run
+from chiarformer.analysis.report import summarize_run
 from chiarformer.analysis.route import render_ansi, render_html, render_png, route_text
 from chiarformer.cli import main
 from chiarformer.errors import UserError

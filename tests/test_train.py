@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,21 +18,10 @@ from chiarformer.train import load_run, resolve, save_model_into_run, train
 from chiarformer.train.datasets import BatchSampler, ClassificationSet, LMWindows, TaskData
 from chiarformer.train.loop import TrainingDiverged, lr_at, param_groups
 from chiarformer.train.runs import evaluate_run, read_metrics
+from corpus import write_corpus
 
 TINY = ["model.d_model=32", "model.n_layers=3", "model.n_heads=2", "data.seq_len=32", "train.batch_size=8",
         "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=2", "data.tokenizer=bytes", "train.device=cpu"]
-
-
-def write_corpus(path: Path, n_words: int, seed: int) -> Path:
-    """A learnable byte-level corpus: words from a small vocabulary with a Markov structure."""
-    rng = random.Random(seed)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "red", "ball", "."]
-    out, w = [], 0
-    for _ in range(n_words):
-        w = (w * 3 + rng.choice([1, 2, 5])) % len(words)
-        out.append(words[w])
-    path.write_text(" ".join(out) + "\n")
-    return path
 
 
 @pytest.fixture()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -19,20 +18,10 @@ import torch
 
 from chiarformer.train import resolve, train
 from chiarformer.train.runs import read_metrics
+from corpus import write_corpus
 
 TINY = ["model.d_model=32", "model.n_layers=3", "model.n_heads=2", "data.seq_len=32", "train.batch_size=8",
         "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=2", "data.tokenizer=bytes", "train.num_threads=1", "train.device=cpu"]
-
-
-def write_corpus(path: Path, n_words: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "red", "ball", "."]
-    out, w = [], 0
-    for _ in range(n_words):
-        w = (w * 3 + rng.choice([1, 2, 5])) % len(words)
-        out.append(words[w])
-    path.write_text(" ".join(out) + "\n")
-    return path
 
 
 @pytest.fixture()
