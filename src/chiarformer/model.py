@@ -168,8 +168,10 @@ class ChiarLayer(nn.Module):
         # positions, they must not widen the key range that real queries' blocks read.
         y = self.mixer.attend(q, k, v, torch.where(valid, pos[idx], 0), key_mask, self.causal)
         y = self.mixer.project_out(y)
-        rows = (torch.arange(b, device=h.device)[:, None] * t + idx)[valid]
-        return rows, y[valid]
+        rows = torch.arange(b, device=h.device)[:, None] * t + idx
+        if fewest == n:  # equal counts, no padding (top-k): skip the boolean-mask copies
+            return rows.reshape(-1), y.reshape(-1, d)
+        return rows[valid], y[valid]
 
 
 class ChiarModel(nn.Module):
