@@ -158,3 +158,12 @@ def test_quickstart_smoke(capsys, tmp_path):
     shares = [float(x) for x in row.split()[4:]]
     assert shares[:4] == [1.0] * 4 and shares[4] == 0.0 and shares[7] == 1.0 and 0.0 < shares[5] < 1.0
     assert (tmp_path / "qs" / "quickstart.txt").is_file()
+
+
+def test_output_into_a_closed_pipe_is_not_an_error():
+    # `chiar flops ... | head -1`: the reader goes away early; no traceback, exit 0
+    proc = subprocess.Popen([sys.executable, "-m", "chiarformer.cli", "flops", "--preset", "paper-17m", "--per-layer"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # nobody reads
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()
