@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
-
 import torch
 
 from chiarformer.ops import dct, idct
+
+from bench_routing import race  # the interleaved median timer shared by the benchmarks
 
 
 def dct_fft(x: torch.Tensor) -> torch.Tensor:
@@ -45,22 +44,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=15)
     args = p.parse_args()
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     print(f"| d | matrix ms | fft ms | fft / matrix |  ({args.tokens} vectors, DCT + inverse, {args.device})")
     print("|---|---|---|---|")
     for d in (64, 256, 1024):
         x = torch.randn(args.tokens, d, device=args.device)
         assert torch.allclose(idct_fft(dct_fft(x)), x, atol=1e-4) and torch.allclose(dct_fft(x), dct(x), atol=1e-4)
-        forms = {"matrix": lambda: idct(dct(x)), "fft": lambda: idct_fft(dct_fft(x))}
-        times = {name: [] for name in forms}
-        for _ in range(args.repeats):
-            for name, fn in forms.items():
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - start)
-        m, f = (statistics.median(times[name]) * 1e3 for name in ("matrix", "fft"))
+        med = race({"matrix": lambda: idct(dct(x)), "fft": lambda: idct_fft(dct_fft(x))}, args.repeats, args.device)
+        m, f = med["matrix"] * 1e3, med["fft"] * 1e3
         print(f"| {d} | {m:.2f} | {f:.2f} | {f / m:.2f}x |")
 
 

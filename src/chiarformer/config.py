@@ -18,6 +18,11 @@ DCT, ATTN, RBF = 0, 1, 2
 OP_LETTERS = {"D": DCT, "A": ATTN, "R": RBF}
 OP_NAMES = {DCT: "dct", ATTN: "attention", RBF: "rbf"}
 
+
+def layer_letters(ops: tuple[int, ...]) -> str:
+    """The layout letters of one layer's operators, e.g. (0, 1) -> "DA"."""
+    return "".join("DAR"[op] for op in ops)
+
 LAYOUTS = ("baseline", "dct_attn", "three_op", "dct_only")
 ROUTINGS = ("threshold", "soft", "hard", "topk")
 META_ROUTERS = ("none", "causal", "batch_mean")

@@ -55,8 +55,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .config import ATTN, DCT, RBF, ChiarConfig
+from .config import ATTN, DCT, RBF, ChiarConfig, layer_letters
 from .errors import UserError
+from .layers import QUERY_BLOCKS, RBF_CHUNK
 
 COMPONENTS = ("head", "qkv", "scores", "out_proj", "ffn", "dct", "rbf", "router", "meta_router")
 # Components of the token-mixing ("attention") sub-layer: everything but FFN and head.
@@ -64,10 +65,6 @@ MIXING = ("qkv", "scores", "out_proj", "dct", "rbf", "router", "meta_router")
 SCORE_CONVENTIONS = ("causal", "kernel", "full")
 DCT_COSTS = ("matmul", "fft")
 TRAIN_FACTOR = 3  # training step ~ forward + backward (2x forward)
-
-# Mirrors layers.QUERY_BLOCKS and layers.RBF_CHUNK (kept in sync by tests/test_flops.py).
-QUERY_BLOCKS = 4
-RBF_CHUNK = 64
 
 
 @dataclass
@@ -152,7 +149,7 @@ class FlopsCount:
             "layers": [
                 {
                     "layer": layer.index + 1,
-                    "ops": "".join("DAR"[op] for op in layer.ops),
+                    "ops": layer_letters(layer.ops),
                     "shares": {_OP_KEY[op]: share for op, share in layer.shares.items()},
                     "components": dict(layer.macs),
                     "attention_sublayer": layer.mixing,

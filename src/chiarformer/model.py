@@ -229,6 +229,8 @@ class ModelOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None  # cross-entropy only
     aux_loss: torch.Tensor | None = None  # collapse regulariser; train on loss + aux_loss
+    # Per layer: the operator each token took (always; the training loop counts them) and the
+    # router's entropy (single-operator layers compute theirs only with return_routing=True).
     routing: list[RoutingInfo] | None = None
     meta_gate: torch.Tensor | None = None
 
@@ -285,7 +287,7 @@ class ChiarForCausalLM(ChiarPreTrained):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return ModelOutput(logits, loss, self.aux_loss(routing, logits), routing if return_routing else None, gate)
+        return ModelOutput(logits, loss, self.aux_loss(routing, logits), routing, gate)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
@@ -330,4 +332,4 @@ class ChiarForSequenceClassification(ChiarPreTrained):
             pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
         logits = self.head(pooled)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        return ModelOutput(logits, loss, self.aux_loss(routing, logits), routing if return_routing else None, gate)
+        return ModelOutput(logits, loss, self.aux_loss(routing, logits), routing, gate)

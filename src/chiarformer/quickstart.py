@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .config import layer_letters
 from .errors import UserError
 
 # Sized to finish both models in under 5 minutes on 2 CPU cores (see docs/training.md).
@@ -126,7 +127,7 @@ def format_table(rows: dict, steps: int, n_train: int, total_s: float) -> str:
                 return f"topk, attn_fraction {cfg.model.attn_fraction:g}"
             return cfg.model.routing
         if key == "layout":
-            return " ".join("".join("DAR"[o] for o in ops) for ops in cfg.model.layer_ops)
+            return " ".join(layer_letters(ops) for ops in cfg.model.layer_ops)
         if key == "params":
             return f"{r['params']['total']:,}"
         if key == "val":

@@ -21,7 +21,7 @@ class RoutingInfo:
     """What one layer decided, for every token."""
 
     ops: torch.Tensor  # (B, T) int64 operator id: 0 = DCT, 1 = attention, 2 = RBF
-    entropy: torch.Tensor  # (B, T) float32 spectral entropy of the router's input
+    entropy: torch.Tensor | None  # (B, T) float32 spectral entropy of the router's input
     probs: torch.Tensor | None = None  # (B, T, n_ops) router probabilities (soft/hard), in `order`
     order: tuple[int, ...] = ()  # operator ids of the columns of probs
 

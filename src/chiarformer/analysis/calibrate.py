@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ATTN, DCT, RBF, ChiarConfig
+from ..config import ATTN, DCT, RBF, ChiarConfig, layer_letters
 from ..errors import UserError
 from . import common
 
@@ -65,7 +65,7 @@ class Calibration:
             "layers": [
                 {
                     "layer": lc.layer + 1,
-                    "ops": "".join("DAR"[o] for o in lc.ops),
+                    "ops": layer_letters(lc.ops),
                     "taus": list(lc.taus),
                     "target": lc.target,
                     "achieved": lc.achieved,

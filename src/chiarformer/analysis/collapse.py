@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-OP_NAMES = ("dct", "attention", "rbf")
+from ..config import OP_NAMES
 
 
 @dataclass(frozen=True)

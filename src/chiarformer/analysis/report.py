@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ATTN, DCT, RBF, ChiarConfig, gaussian_entropy
+from ..config import ATTN, DCT, RBF, ChiarConfig, gaussian_entropy, layer_letters
 from ..errors import UserError
 from . import common
 from .collapse import Collapse, detect_collapse, tail_window, train_records
@@ -373,7 +373,7 @@ def plot_entropy(s: RunSummary, stats: common.RoutingStats, cfg: ChiarConfig, pa
                 ax.axvline(t, color="black", ls="--", lw=1)
         if lo <= gauss <= hi:
             ax.axvline(gauss, color="grey", ls=":", lw=1)
-        kind = "routed" if i in cfg.routed_layers else "".join("DAR"[o] for o in cfg.layer_ops[i])
+        kind = "routed" if i in cfg.routed_layers else layer_letters(cfg.layer_ops[i])
         ax.set_title(f"layer {i + 1} ({kind})", fontsize=9)
         ax.tick_params(labelsize=7)
         if k == 0:

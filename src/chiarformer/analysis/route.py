@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ATTN, DCT, RBF
+from ..config import ATTN, DCT, RBF, layer_letters
 from ..errors import UserError
 from .common import OP_COLORS, OP_LABELS
 
@@ -53,7 +53,7 @@ class RouteView:
             "layers": [
                 {
                     "layer": i + 1,
-                    "ops": "".join("DAR"[o] for o in self.layer_ops[i]),
+                    "ops": layer_letters(self.layer_ops[i]),
                     "taus": list(self.taus.get(i, ())),
                     "entropy": [round(float(h), 6) for h in self.entropy[i]],
                     "op": [OP_LABELS[int(o)] for o in self.ops[i]],
@@ -92,7 +92,7 @@ def route_text(model, tokenizer, text: str) -> RouteView:
 
 # --------------------------------------------------------------------------- terminal
 def _layer_title(view: RouteView, i: int) -> str:
-    letters = "".join("DAR"[o] for o in view.layer_ops[i])
+    letters = layer_letters(view.layer_ops[i])
     taus = view.taus.get(i)
     extra = f", tau {'/'.join(f'{t:.4f}' for t in taus)}" if taus else ""
     return f"layer {i + 1} ({letters}{extra})"

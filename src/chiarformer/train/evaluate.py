@@ -68,9 +68,9 @@ def evaluate(
         batch = {k: v.to(device, non_blocking=True) for k, v in dataset.batch(idx).items()}
         with autocast():
             if lm:
-                out = model(batch["input_ids"], return_routing=True)
+                out = model(batch["input_ids"])
             else:
-                out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), return_routing=True)
+                out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
         if dummy:
             continue
         logits = out.logits.float()
@@ -117,11 +117,12 @@ def evaluate(
 
 def op_counts(routing, mask: torch.Tensor | None) -> torch.Tensor:
     """(n_layers, 3) counts of tokens per operator (DCT, ATTN, RBF), padding excluded."""
-    rows = []
-    for info in routing:
-        ops = info.ops if mask is None else info.ops[mask.bool()]
-        rows.append(torch.bincount(ops.reshape(-1), minlength=N_OPS)[:N_OPS])
-    return torch.stack(rows)
+    # Comparisons and sums only: no data-dependent shapes, so no host sync on the training path.
+    op_ids = torch.arange(N_OPS, device=routing[0].ops.device)
+    hits = torch.stack([info.ops for info in routing])[..., None] == op_ids  # (layers, B, T, ops)
+    if mask is not None:
+        hits = hits & mask.bool()[None, ..., None]
+    return hits.sum(dim=(1, 2))
 
 
 def shares(counts: torch.Tensor) -> list[list[float]]:

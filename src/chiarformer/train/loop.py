@@ -334,10 +334,10 @@ class Trainer:
             with ctx:
                 with self.autocast():
                     if self.kind == "lm":
-                        out = self.train_model(batch["input_ids"], labels=batch["labels"], return_routing=True)
+                        out = self.train_model(batch["input_ids"], labels=batch["labels"])
                     else:
                         out = self.train_model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                               labels=batch["labels"], return_routing=True)
+                                               labels=batch["labels"])
                     loss = out.loss
                     total = loss + out.aux_loss if out.aux_loss is not None else loss
                     scaled = total * (len(idx) / len(local_idx))
