@@ -68,6 +68,28 @@ def test_sparse_and_dense_execution_agree(seed):
         assert torch.equal(ra.ops, rb.ops)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_sparse_and_dense_execution_give_the_same_gradients(seed):
+    """Sparse execution's gathers, key prefixes and reassembly have their own backward passes."""
+    rng = random.Random(100 + seed)
+    layout = ["dct_attn", "three_op", "D,DA,DRA,A", "DA,RA,A", "dct_attn", "D,DA,DA,A"][seed]
+    cfg = random_config(rng, layout=layout, routing=["threshold", "hard"][seed % 2], max_seq_len=128)
+    if seed >= 4:  # top-k: equal counts, no padded queries
+        cfg = cfg.replace(routing="topk", attn_fraction=0.3, allow_noncausal=True)
+    model = build(ChiarForCausalLM, cfg, seed).train()
+    dense = same_weights(model, cfg.replace(execution="dense")).train()
+    ids = torch.randint(0, cfg.vocab_size, (3, 128))
+    for m in (model, dense):
+        m(ids, labels=ids).loss.backward()
+    routed_ops = model(ids, return_routing=True).routing[1].ops
+    assert (routed_ops == ATTN).any() and (routed_ops != ATTN).any()
+    for (name, a), b in zip(model.named_parameters(), dense.parameters()):
+        if a.grad is None:
+            assert b.grad is None or not b.grad.any(), name
+            continue
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_sparse_and_dense_agree_for_topk_classification_with_padding(bidirectional):
     cfg = random_config(random.Random(7), layout="dct_attn", routing="topk", attn_fraction=0.3, bidirectional=bidirectional)

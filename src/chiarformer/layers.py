@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gather import prefixes
 from .ops import dct, dct_matrix, idct, resolve_impl
 
 # Queries are processed in blocks along the sequence so each block only reads the keys up to
@@ -85,7 +86,7 @@ def rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
     if angles.dim() == 3:
         angles = angles[:, None]  # broadcast over heads
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
+    x1, x2 = x.chunk(2, dim=-1)  # not slices: their backward would zero-fill two buffers
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -143,20 +144,16 @@ class TokenMixer(nn.Module):
         q_pos = q_pos.expand(q.shape[0], n_q) if q_pos.dim() == 1 else q_pos
         key_pos = torch.arange(n_k, device=q.device)
         blocks = QUERY_BLOCKS if n_q >= 4 * QUERY_BLOCKS else 1
-        bounds = [(int(b[0]), int(b[-1]) + 1) for b in torch.arange(n_q).tensor_split(blocks)]
+        q_blocks, pos_blocks = q.tensor_split(blocks, dim=2), q_pos.tensor_split(blocks, dim=1)
         # One host sync for all blocks: the last key any query of each block may see.
-        last_keys = torch.stack([q_pos[:, lo:hi].amax() for lo, hi in bounds]).tolist()
+        last_keys = torch.stack([p.amax() for p in pos_blocks]).tolist()
+        key_lengths = [round_up(last + 1, n_k) for last in last_keys]
         outputs = []
-        for (lo, hi), last in zip(bounds, last_keys):
-            n_keys = round_up(last + 1, n_k)
-            mask = key_pos[:n_keys] <= q_pos[:, lo:hi, None]  # (B, n, n_keys)
+        for q_b, pos_b, n_keys, k_b, v_b in zip(q_blocks, pos_blocks, key_lengths, prefixes(k, key_lengths), prefixes(v, key_lengths)):
+            mask = key_pos[:n_keys] <= pos_b[..., None]  # (B, n, n_keys)
             if key_mask is not None:
                 mask = mask & key_mask[:, None, :n_keys]
-            outputs.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, lo:hi], k[:, :, :n_keys], v[:, :, :n_keys], attn_mask=mask[:, None], dropout_p=dropout
-                )
-            )
+            outputs.append(F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=mask[:, None], dropout_p=dropout))
         return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
     def rbf_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import ATTN, DCT, RBF, ChiarConfig
 from .errors import UserError
+from .gather import merge_rows
 from .layers import DCTMixer, FeedForward, TokenMixer, round_up
 from .ops import spectral_entropy
 from .routing import Decision, MetaRouter, Router, RoutingInfo, collapse_penalty
@@ -73,8 +74,7 @@ class ChiarLayer(nn.Module):
         """Route each token of h (B, T, d), run the operators; returns (mixed, decision, entropy)."""
         entropy = None
         if self.router is not None or want_entropy:
-            with torch.no_grad():  # a routing statistic: the router learns through its Linear
-                entropy = spectral_entropy(h, self.dct_impl)
+            entropy = spectral_entropy(h, self.dct_impl)  # no gradient: routers learn through their Linear
         new_mask = None if key_mask is None else key_mask[:, -h.shape[1] :]
         if self.router is not None:
             decision = self.router(h, entropy, new_mask)
@@ -116,8 +116,8 @@ class ChiarLayer(nn.Module):
     def mix_sparse(self, h, decision, k, v, pos, key_mask):
         """Each operator computes only its own tokens: gather, compute, scatter.
 
-        Every token is computed by exactly one operator, so the outputs, stacked operator by
-        operator, are a permutation of the tokens: one index_select puts them back in order.
+        Every token is computed by exactly one operator, so the operators' row sets are disjoint
+        and cover the batch: one copy per operator puts the outputs back in place.
         """
         b, t, d = h.shape
         if len(self.ops) == 1 and self.ops[0] == DCT:
@@ -129,7 +129,7 @@ class ChiarLayer(nn.Module):
             if op == DCT:
                 mine = (flat_ops == DCT).nonzero().squeeze(1)
                 rows.append(mine)
-                outputs.append(self.dct(flat_h[mine]))
+                outputs.append(self.dct(flat_h.index_select(0, mine)))
             elif op == ATTN:
                 mine, y = self.sparse_attention(h, decision.ops == ATTN, k, v, pos, key_mask)
                 rows.append(mine)
@@ -138,11 +138,10 @@ class ChiarLayer(nn.Module):
                 mine = (flat_ops == RBF).nonzero().squeeze(1)
                 y = self.mixer.project_out(self.mixer.rbf(self.mixer.queries(h, pos), k, v, key_mask, self.causal))
                 rows.append(mine)
-                outputs.append(y.reshape(b * t, d)[mine])
+                outputs.append(y.reshape(b * t, d).index_select(0, mine))
         if len(rows) == 1:
             return outputs[0].view(b, t, d)
-        order = torch.cat(rows).argsort()
-        return torch.cat(outputs).index_select(0, order).view(b, t, d)
+        return merge_rows(b * t, rows, outputs).view(b, t, d)
 
     def sparse_attention(self, h, selected, k, v, pos, key_mask):
         """Queries (and the output projection) for the selected tokens only; keys of all tokens.

@@ -65,17 +65,21 @@ def _twiddle(n: int, device: torch.device, sign: float) -> torch.Tensor:
     return torch.polar(torch.ones_like(k), sign * math.pi * k / (2 * n)).to(device=device, dtype=torch.complex64)
 
 
+@torch.no_grad()
 def spectral_entropy(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """H(x) = -sum_k p_k log p_k / log d with p_k = X_k^2 / sum_j X_j^2, X = DCT(x); in [0, 1].
 
     Computed in float32 whatever the input dtype (squares of bf16/fp16 values lose too much).
     A zero vector has no spectrum; it gets H = 0 (maximally "smooth"), never NaN.
+    A routing statistic, not differentiated (routers learn through their own weights).
     """
     d = x.shape[-1]
     if d < 2:
         return torch.zeros(x.shape[:-1], device=x.device, dtype=torch.float32)
-    power = dct(x.float(), impl).square()
-    total = power.sum(-1, keepdim=True)
-    p = power / total.clamp_min(torch.finfo(torch.float32).tiny)
-    h = -torch.special.xlogy(p, p).sum(-1) / math.log(d)
-    return h.clamp(0.0, 1.0)
+    tiny = torch.finfo(torch.float32).tiny
+    power = dct(x.float(), impl).square_()
+    total = power.sum(-1)
+    # -sum p log p with p = P / S equals log S - sum(P log P) / S: no normalised copy of P.
+    weighted = torch.linalg.vecdot(power, power.clamp_min(tiny).log_())
+    h = torch.where(total > 0, total.log() - weighted / total.clamp_min(tiny), 0.0)
+    return (h / math.log(d)).clamp(0.0, 1.0)

@@ -1,0 +1,67 @@
+"""Autograd-friendly slicing and reassembly for sparse execution.
+
+Autograd's default backward for a slice or a row gather allocates a zero tensor the size of
+the whole input and scatters into it, once per slice. Sparse execution slices the same keys
+once per query block and reassembles every token from per-operator pieces, so those
+full-size zero fills and accumulations cost as much as the attention they save. These two
+functions do the same work with one buffer and plain copies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _Prefixes(torch.autograd.Function):
+    """Views x[:, :, :n] for each n; the backward adds their gradients into one buffer."""
+
+    @staticmethod
+    def forward(ctx, x, lengths):
+        ctx.shape, ctx.lengths = x.shape, lengths
+        return tuple(x[:, :, :n] for n in lengths)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = None
+        for n, grad in sorted(zip(ctx.lengths, grads), key=lambda pair: -pair[0]):
+            if grad is None:
+                continue
+            if total is None:  # the longest prefix first: one zero fill past its end only
+                # in the gradient's memory layout, so the copies and additions run contiguously
+                layout = sorted(range(grad.dim()), key=lambda i: -grad.stride(i))
+                total = grad.new_empty([ctx.shape[i] for i in layout]).permute(*sorted(range(grad.dim()), key=layout.__getitem__))
+                total[:, :, :n] = grad
+                total[:, :, n:] = 0
+            else:
+                total[:, :, :n] += grad
+        return total, None
+
+
+def prefixes(x: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, ...]:
+    """x[:, :, :n] for every n in lengths (dim 2: the key axis of (B, H, T, dh) tensors)."""
+    return _Prefixes.apply(x, lengths)
+
+
+class _MergeRows(torch.autograd.Function):
+    """out[rows_i] = values_i for disjoint row sets covering every row of out."""
+
+    @staticmethod
+    def forward(ctx, n_rows, rows, *values):
+        out = values[0].new_empty(n_rows, *values[0].shape[1:])
+        for r, v in zip(rows, values):
+            out.index_copy_(0, r, v)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, None, *(grad.index_select(0, r) for r in ctx.rows))
+
+
+def merge_rows(n_rows: int, rows: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of an (n_rows, ...) tensor taken from values[i] at indices rows[i].
+
+    The row sets must be disjoint and cover 0..n_rows-1 (every token is computed by exactly
+    one operator); the backward pass is then one gather per piece.
+    """
+    return _MergeRows.apply(n_rows, rows, *values)
