@@ -84,6 +84,14 @@ def test_baseline_by_hand():
     assert full.component("scores") == pytest.approx(4 * 2 * d * t)
 
 
+def test_training_step_counts_the_entropy_once():
+    cfg = ChiarConfig.from_preset("paper-17m")  # D, DA, DA, A: two routed layers
+    d = 256
+    count = fl.count_flops(cfg, 256, attn_fraction=0.25)
+    assert count.entropy_per_token == 2 * (d * d + 2 * d)
+    assert count.train_per_token == pytest.approx(3 * count.forward_per_token - 2 * count.entropy_per_token)
+
+
 def test_chiar_by_hand_17m():
     cfg = ChiarConfig.from_preset("paper-17m")  # D, DA, DA, A
     d, t, f = 256, 256, 0.25

@@ -29,7 +29,7 @@ meta_router    MetaRouter gate Linear(d -> 1) per token (causal prefix mean) whe
 Not counted (negligible or not multiply-adds): LayerNorms (O(d) per token per sub-layer),
 GELU, softmax, RoPE rotations, residual adds, dropout, the embedding lookup, the loss.
 A training step costs about 3x the forward (the backward pass is about twice the forward's
-matrix work); threshold routing has no gradient, and that small difference is ignored.
+matrix work), except the routers' spectral entropy, which has no backward pass (counted once).
 
 Conventions for the attention scores (`scores=`):
   causal  (default) the useful causal work: the query at position t attends t + 1 keys, so
@@ -121,8 +121,13 @@ class FlopsCount:
         return self.forward_per_token * self.seq_len
 
     @property
+    def entropy_per_token(self) -> float:
+        """Forward MACs of the routers' spectral entropy (not differentiated)."""
+        return sum(len(layer.ops) > 1 for layer in self.layers) * entropy_macs(self.config.d_model, self.dct_cost)
+
+    @property
     def train_per_token(self) -> float:
-        return TRAIN_FACTOR * self.forward_per_token
+        return TRAIN_FACTOR * (self.forward_per_token - self.entropy_per_token) + self.entropy_per_token
 
     @property
     def mixing_per_token(self) -> float:
@@ -256,6 +261,16 @@ def _per_routed(value, routed: list[int], name: str) -> list:
     return out
 
 
+def _transform_macs(d: int, dct_cost: str) -> float:
+    """One DCT of a d-vector."""
+    return d * d if dct_cost == "matmul" else d * math.log2(d)
+
+
+def entropy_macs(d: int, dct_cost: str) -> float:
+    """Spectral entropy of one token: one DCT, the squares, p log p."""
+    return _transform_macs(d, dct_cost) + 2.0 * d
+
+
 def _layer_macs(cfg, ops, shares, t: int, scores: str, dct_cost: str, routed: bool, batch_size=None) -> dict[str, float]:
     d, d_ff = cfg.d_model, cfg.d_ff
     dense = cfg.execution == "dense" or (routed and cfg.routing == "soft")
@@ -263,9 +278,9 @@ def _layer_macs(cfg, ops, shares, t: int, scores: str, dct_cost: str, routed: bo
     macs = {name: 0.0 for name in ("qkv", "scores", "out_proj", "ffn", "dct", "rbf", "router")}
     macs["ffn"] = 2.0 * d * d_ff
 
-    transform = d * d if dct_cost == "matmul" else d * math.log2(d)  # one DCT of a d-vector
+    transform = _transform_macs(d, dct_cost)
     if routed:
-        macs["router"] = transform + 2.0 * d  # spectral entropy: one DCT, squares, p log p
+        macs["router"] = entropy_macs(d, dct_cost)
         if cfg.routing in ("soft", "hard"):
             macs["router"] += (d + 1.0) * len(ops)
 
@@ -457,7 +472,7 @@ def format_comparison(cmp: Comparison, preset: str | None = None, per_layer: boo
         f"{_fmt(base.forward_per_token - chiar.forward_per_token):>12}",
         "",
         f"per sequence (x T={t}): forward baseline {_fmt(base.forward_per_sequence)}, CHIAR {_fmt(chiar.forward_per_sequence)}; "
-        f"training step (~{TRAIN_FACTOR}x forward): baseline {_fmt(base.train_per_token * t)}, CHIAR {_fmt(chiar.train_per_token * t)}",
+        f"training step (~{TRAIN_FACTOR}x forward, entropy 1x): baseline {_fmt(base.train_per_token * t)}, CHIAR {_fmt(chiar.train_per_token * t)}",
         "",
         f"attention sub-layer reduction (ours): {100 * cmp.attention_reduction:6.2f}%   "
         "= 1 - token-mixing MACs CHIAR / baseline (Q/K/V, scores, out-proj, DCT, RBF, router)",
