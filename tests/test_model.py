@@ -90,6 +90,20 @@ def test_sparse_and_dense_execution_give_the_same_gradients(seed):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("layout", ["dct_attn", "D,DA,DRA,A"])
+def test_sparse_execution_trains_under_bf16_autocast(layout):
+    cfg = random_config(random.Random(3), layout=layout, routing="hard")
+    model = build(ChiarForCausalLM, cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids, return_routing=True)
+    out.loss.backward()
+    assert out.loss.isfinite()
+    assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
+    ops = out.routing[1].ops
+    assert (ops == ATTN).any() and (ops != ATTN).any()  # both operators ran and were reassembled
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_sparse_and_dense_agree_for_topk_classification_with_padding(bidirectional):
     cfg = random_config(random.Random(7), layout="dct_attn", routing="topk", attn_fraction=0.3, bidirectional=bidirectional)
