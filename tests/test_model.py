@@ -104,6 +104,19 @@ def test_sparse_execution_trains_under_bf16_autocast(layout):
     assert (ops == ATTN).any() and (ops != ATTN).any()  # both operators ran and were reassembled
 
 
+def test_sparse_execution_under_autocast_with_no_attention_token():
+    """An operator with no tokens yields an empty piece in its input's dtype, not autocast's."""
+    cfg = random_config(random.Random(4), layout="dct_attn", routing="threshold").replace(tau=1.0)
+    model = build(ChiarForCausalLM, cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids, return_routing=True)
+    out.loss.backward()
+    assert out.loss.isfinite()
+    assert not (out.routing[1].ops == ATTN).any()
+    assert out.routing[1].entropy.dtype == torch.float32  # autocast does not reach the entropy
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_sparse_and_dense_agree_for_topk_classification_with_padding(bidirectional):
     cfg = random_config(random.Random(7), layout="dct_attn", routing="topk", attn_fraction=0.3, bidirectional=bidirectional)

@@ -9,6 +9,8 @@ functions do the same work with one buffer and plain copies.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -47,15 +49,17 @@ class _MergeRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, n_rows, rows, *values):
-        out = values[0].new_empty(n_rows, *values[0].shape[1:])
+        # Pieces may differ in dtype under autocast (an empty piece keeps its input's dtype).
+        dtype = functools.reduce(torch.promote_types, (v.dtype for v in values))
+        out = values[0].new_empty(n_rows, *values[0].shape[1:], dtype=dtype)
         for r, v in zip(rows, values):
-            out.index_copy_(0, r, v)
-        ctx.rows = rows
+            out.index_copy_(0, r, v.to(dtype))
+        ctx.rows, ctx.dtypes = rows, [v.dtype for v in values]
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return (None, None, *(grad.index_select(0, r) for r in ctx.rows))
+        return (None, None, *(grad.index_select(0, r).to(dtype) for r, dtype in zip(ctx.rows, ctx.dtypes)))
 
 
 def merge_rows(n_rows: int, rows: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from contextlib import nullcontext
 
 import torch
 
@@ -77,7 +78,10 @@ def spectral_entropy(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     if d < 2:
         return torch.zeros(x.shape[:-1], device=x.device, dtype=torch.float32)
     tiny = torch.finfo(torch.float32).tiny
-    power = dct(x.float(), impl).square_()
+    # Autocast would run the DCT in bf16/fp16; it exists only on some device types.
+    exact = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) else nullcontext()
+    with exact:
+        power = dct(x.float(), impl).square_()
     total = power.sum(-1)
     # -sum p log p with p = P / S equals log S - sum(P log P) / S: no normalised copy of P.
     weighted = torch.linalg.vecdot(power, power.clamp_min(tiny).log_())
