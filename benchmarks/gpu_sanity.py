@@ -2,7 +2,8 @@
 
 CI has no GPU, so this is run by hand on one: sparse == dense execution (fp32), causality
 (fp32, both executions, every layout and causal routing mode), the two DCT implementations
-agree, and a bf16-autocast training step of paper-17m is finite. Prints one line per check.
+agree, a bf16-autocast training step of paper-17m is finite with fp32 routing entropies, and
+sparse and dense execution give the same gradients. Prints one line per check.
 Usage: python benchmarks/gpu_sanity.py
 """
 
@@ -57,10 +58,23 @@ def main() -> None:
     model = ChiarForCausalLM(ChiarConfig.from_preset("paper-17m", layout="dct_attn", routing="hard")).to(dev).train()
     ids = torch.randint(0, 50257, (8, 256), device=dev)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = model(ids, labels=ids)
+        out = model(ids, labels=ids, return_routing=True)
     (out.loss + out.aux_loss).backward()
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    print(f"paper-17m bf16 autocast step: loss {out.loss.item():.3f}, grads finite: {grads_finite}  {'OK' if grads_finite else 'FAIL'}")
+    fp32_entropy = all(r.entropy.dtype == torch.float32 for r in out.routing if r.entropy is not None)
+    ok = grads_finite and fp32_entropy
+    print(f"paper-17m bf16 autocast step: loss {out.loss.item():.3f}, grads finite: {grads_finite}, entropy fp32: {fp32_entropy}  {'OK' if ok else 'FAIL'}")
+
+    torch.manual_seed(0)
+    cfg = small("D,DA,DRA,A", "hard")
+    sparse = ChiarForCausalLM(cfg).to(dev).train()
+    dense = ChiarForCausalLM(cfg.replace(execution="dense")).to(dev).train()
+    dense.load_state_dict(sparse.state_dict())
+    ids = torch.randint(0, 97, (4, 200), device=dev)
+    for m in (sparse, dense):
+        m(ids, labels=ids).loss.backward()
+    worst = max((a.grad - b.grad).abs().max().item() for a, b in zip(sparse.parameters(), dense.parameters()) if a.grad is not None)
+    print(f"sparse vs dense gradients, max |diff| (fp32): {worst:.2e}  {'OK' if worst < 1e-4 else 'FAIL'}")
 
 
 if __name__ == "__main__":
