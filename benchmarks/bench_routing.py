@@ -19,6 +19,7 @@ import time
 import torch
 
 from chiarformer import ChiarConfig, ChiarForCausalLM
+from chiarformer.config import ATTN
 from chiarformer.flops import MIXING, TRAIN_FACTOR, count_flops, entropy_macs
 from chiarformer.ops import resolve_impl
 
@@ -53,19 +54,36 @@ def mixing_step(layer, h, pos):
     return step
 
 
-def analytic_mixing_ratios(full_cfg, routed_cfg, t: int, f: float) -> tuple[float, float]:
-    """MACs of the first layer's token-mixing sub-layer, routed / full (chiarformer.flops):
-    forward, and forward+backward (backward ~2x forward; the routing entropy runs forward only)."""
+def analytic_mixing_ratios(full_cfg, routed_cfg, t: int, f: float, components=MIXING) -> tuple[float, float]:
+    """MACs of the first layer's token-mixing sub-layer (those components of it), routed / full
+    (chiarformer.flops): forward, and forward+backward (backward ~2x forward; the routing
+    entropy runs forward only)."""
     dct_cost = "matmul" if resolve_impl(routed_cfg.dct_impl) == "matmul" else "fft"
 
-    def mixing(cfg):
+    def mixing(cfg, components):
         layer = count_flops(cfg, t, attn_fraction=f, dct_cost=dct_cost).layers[0]
-        forward = sum(layer.macs.get(c, 0.0) for c in MIXING)
-        entropy = entropy_macs(cfg.d_model, dct_cost) if len(layer.ops) > 1 else 0.0
+        forward = sum(layer.macs.get(c, 0.0) for c in components)
+        entropy = entropy_macs(cfg.d_model, dct_cost) if len(layer.ops) > 1 and "router" in components else 0.0
         return forward, TRAIN_FACTOR * (forward - entropy) + entropy
 
-    (routed_fwd, routed_train), (full_fwd, full_train) = mixing(routed_cfg), mixing(full_cfg)
+    (routed_fwd, routed_train), (full_fwd, full_train) = mixing(routed_cfg, components), mixing(full_cfg, MIXING)
     return routed_fwd / full_fwd, routed_train / full_train
+
+
+def attention_part_step(layer, h, pos):
+    """The routed layer's attention work alone, for its own routing: K/V for every token, Q,
+    scores and output projection for the attention tokens; no router, no DCT filter."""
+    with torch.no_grad():
+        _, decision, _ = layer.token_mixing(h, pos, None, None, 0)
+    selected = decision.ops == ATTN
+
+    def step():
+        h.grad = None
+        k, v = layer.mixer.keys_values(h, pos)
+        _, y = layer.sparse_attention(h, selected, k, v, pos, None)
+        y.sum().backward()
+
+    return step
 
 
 def bench_sublayer(args) -> None:
@@ -83,6 +101,7 @@ def bench_sublayer(args) -> None:
     h = torch.randn(b, t, d, device=args.device, requires_grad=True)
     pos = torch.arange(t, device=args.device)
     steps = {name: mixing_step(layer.to(args.device), h, pos) for name, layer in layers.items()}
+    steps["routed, sparse: its attention part only"] = attention_part_step(layers["routed, sparse"], h, pos)
     med = race(steps, args.repeats, args.device)
     base = med["full causal attention"]
     print(f"\n## Token-mixing sub-layer, forward+backward ({args.device}, DCT {args.dct_impl}, d={d}, heads={heads}, T={t}, batch={b}, attention share {f:.0%}, top-k routing)")
@@ -92,6 +111,7 @@ def bench_sublayer(args) -> None:
         "full causal attention": (1.0, 1.0),
         "routed, sparse": analytic_mixing_ratios(full_cfg, routed_cfg, t, f),
         "routed, dense": analytic_mixing_ratios(full_cfg, routed_cfg.replace(execution="dense"), t, f),
+        "routed, sparse: its attention part only": analytic_mixing_ratios(full_cfg, routed_cfg, t, f, ("qkv", "scores", "out_proj")),
     }
     for name, sec in med.items():
         forward, train = analytic[name]
