@@ -90,9 +90,8 @@ def test_sparse_and_dense_execution_give_the_same_gradients(seed):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("layout", ["dct_attn", "D,DA,DRA,A"])
-def test_sparse_execution_trains_under_bf16_autocast(layout):
-    cfg = random_config(random.Random(3), layout=layout, routing="hard")
+def bf16_autocast_step(cfg) -> torch.Tensor:
+    """One CPU bf16-autocast training step; checks it is finite; returns layer 1's routing."""
     model = build(ChiarForCausalLM, cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -100,21 +99,20 @@ def test_sparse_execution_trains_under_bf16_autocast(layout):
     out.loss.backward()
     assert out.loss.isfinite()
     assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
-    ops = out.routing[1].ops
+    assert out.routing[1].entropy.dtype == torch.float32  # autocast does not reach the entropy
+    return out.routing[1].ops
+
+
+@pytest.mark.parametrize("layout", ["dct_attn", "D,DA,DRA,A"])
+def test_sparse_execution_trains_under_bf16_autocast(layout):
+    ops = bf16_autocast_step(random_config(random.Random(3), layout=layout, routing="hard"))
     assert (ops == ATTN).any() and (ops != ATTN).any()  # both operators ran and were reassembled
 
 
 def test_sparse_execution_under_autocast_with_no_attention_token():
     """An operator with no tokens yields an empty piece in its input's dtype, not autocast's."""
-    cfg = random_config(random.Random(4), layout="dct_attn", routing="threshold").replace(tau=1.0)
-    model = build(ChiarForCausalLM, cfg).train()
-    ids = torch.randint(0, cfg.vocab_size, (2, 32))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(ids, labels=ids, return_routing=True)
-    out.loss.backward()
-    assert out.loss.isfinite()
-    assert not (out.routing[1].ops == ATTN).any()
-    assert out.routing[1].entropy.dtype == torch.float32  # autocast does not reach the entropy
+    ops = bf16_autocast_step(random_config(random.Random(4), layout="dct_attn", routing="threshold").replace(tau=1.0))
+    assert not (ops == ATTN).any()
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
