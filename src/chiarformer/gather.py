@@ -2,9 +2,9 @@
 
 Autograd's default backward for a slice or a row gather allocates a zero tensor the size of
 the whole input and scatters into it, once per slice. Sparse execution slices the same keys
-once per query block and reassembles every token from per-operator pieces, so those
-full-size zero fills and accumulations cost as much as the attention they save. These two
-functions do the same work with one buffer and plain copies.
+once per query block and reassembles every token from per-operator pieces, so on a CPU those
+full-size zero fills and accumulations were a tenth of the routed sub-layer's time
+(docs/benchmarks.md). These two functions do the same work with one buffer and plain copies.
 """
 
 from __future__ import annotations
@@ -29,14 +29,20 @@ class _Prefixes(torch.autograd.Function):
             if grad is None:
                 continue
             if total is None:  # the longest prefix first: one zero fill past its end only
-                # in the gradient's memory layout, so the copies and additions run contiguously
-                layout = sorted(range(grad.dim()), key=lambda i: -grad.stride(i))
-                total = grad.new_empty([ctx.shape[i] for i in layout]).permute(*sorted(range(grad.dim()), key=layout.__getitem__))
+                total = _empty_like_layout(grad, ctx.shape)
                 total[:, :, :n] = grad
                 total[:, :, n:] = 0
             else:
                 total[:, :, :n] += grad
         return total, None
+
+
+def _empty_like_layout(t: torch.Tensor, shape) -> torch.Tensor:
+    """An empty tensor of the given shape whose dimensions lie in memory in t's order, so
+    copies and additions between the two run contiguously."""
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))  # outermost dimension first
+    inverse = sorted(range(t.dim()), key=order.__getitem__)
+    return t.new_empty([shape[i] for i in order]).permute(*inverse)
 
 
 def prefixes(x: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, ...]:
