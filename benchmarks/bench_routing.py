@@ -20,7 +20,7 @@ import torch
 
 from chiarformer import ChiarConfig, ChiarForCausalLM
 from chiarformer.config import ATTN
-from chiarformer.flops import MIXING, TRAIN_FACTOR, count_flops, entropy_macs
+from chiarformer.flops import MIXING, count_flops, entropy_macs, training_macs
 from chiarformer.ops import resolve_impl
 
 
@@ -64,7 +64,7 @@ def analytic_mixing_ratios(full_cfg, routed_cfg, t: int, f: float, components=MI
         layer = count_flops(cfg, t, attn_fraction=f, dct_cost=dct_cost).layers[0]
         forward = sum(layer.macs.get(c, 0.0) for c in components)
         entropy = entropy_macs(cfg.d_model, dct_cost) if len(layer.ops) > 1 and "router" in components else 0.0
-        return forward, TRAIN_FACTOR * (forward - entropy) + entropy
+        return forward, training_macs(forward, entropy)
 
     (routed_fwd, routed_train), (full_fwd, full_train) = mixing(routed_cfg, components), mixing(full_cfg, MIXING)
     return routed_fwd / full_fwd, routed_train / full_train
@@ -86,13 +86,17 @@ def attention_part_step(layer, h, pos):
     return step
 
 
+def sublayer_configs(d: int, heads: int, t: int, f: float, dct_impl: str = "auto") -> tuple[ChiarConfig, ChiarConfig]:
+    """Full attention and routed DCT|attention (top-k, share f); the first layer is the one timed."""
+    common = dict(
+        vocab_size=32, d_model=d, n_heads=heads, n_layers=3, max_seq_len=t, dropout=0.0, allow_noncausal=True, dct_impl=dct_impl
+    )
+    return ChiarConfig(layout="A,A,A", **common), ChiarConfig(layout="DA,DA,A", routing="topk", attn_fraction=f, **common)
+
+
 def bench_sublayer(args) -> None:
     d, heads, t, b, f = args.d_model, args.n_heads, args.seq_len, args.batch, args.attn_fraction
-    common = dict(
-        vocab_size=32, d_model=d, n_heads=heads, n_layers=3, max_seq_len=t, dropout=0.0, allow_noncausal=True, dct_impl=args.dct_impl
-    )
-    full_cfg = ChiarConfig(layout="A,A,A", **common)
-    routed_cfg = ChiarConfig(layout="DA,DA,A", routing="topk", attn_fraction=f, **common)
+    full_cfg, routed_cfg = sublayer_configs(d, heads, t, f, args.dct_impl)
     layers = {
         "full causal attention": ChiarForCausalLM(full_cfg).model.layers[0],
         "routed, sparse": ChiarForCausalLM(routed_cfg).model.layers[0],

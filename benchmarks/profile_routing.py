@@ -14,17 +14,13 @@ from collections import defaultdict
 import torch
 from torch.profiler import profile
 
-from chiarformer import ChiarConfig, ChiarForCausalLM
+from chiarformer import ChiarForCausalLM
+
+from bench_routing import mixing_step, sublayer_configs  # the settings and step of the routing benchmark
 
 
-def self_times(layer, h, pos, steps: int) -> dict[str, float]:
+def self_times(step, steps: int) -> dict[str, float]:
     """Milliseconds of self CPU time per step, by operator (matrix products by shape)."""
-
-    def step():
-        h.grad = None
-        mixed, _, _ = layer.token_mixing(h, pos, None, None, 0)
-        mixed.sum().backward()
-
     step()
     with profile(record_shapes=True) as prof:
         for _ in range(steps):
@@ -45,14 +41,10 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     d, t, b = 256, 1024, 4
-    common = dict(vocab_size=32, d_model=d, n_heads=4, n_layers=3, max_seq_len=t, dropout=0.0, allow_noncausal=True)
-    variants = {
-        "full": ChiarConfig(layout="A,A,A", **common),
-        "routed": ChiarConfig(layout="DA,DA,A", routing="topk", attn_fraction=0.25, **common),
-    }
+    variants = dict(zip(("full", "routed"), sublayer_configs(d, 4, t, 0.25)))
     h = torch.randn(b, t, d, requires_grad=True)
     pos = torch.arange(t)
-    times = {name: self_times(ChiarForCausalLM(cfg).model.layers[0], h, pos, args.steps) for name, cfg in variants.items()}
+    times = {name: self_times(mixing_step(ChiarForCausalLM(cfg).model.layers[0], h, pos), args.steps) for name, cfg in variants.items()}
     keys = sorted(set(times["full"]) | set(times["routed"]), key=lambda k: -max(times["full"][k], times["routed"][k]))
     print(f"self CPU ms per forward+backward step (d={d}, T={t}, batch={b}, 25% to attention, top-k)")
     print("| operator | full attention | routed, sparse |")

@@ -127,7 +127,7 @@ class FlopsCount:
 
     @property
     def train_per_token(self) -> float:
-        return TRAIN_FACTOR * (self.forward_per_token - self.entropy_per_token) + self.entropy_per_token
+        return training_macs(self.forward_per_token, self.entropy_per_token)
 
     @property
     def mixing_per_token(self) -> float:
@@ -264,6 +264,12 @@ def _per_routed(value, routed: list[int], name: str) -> list:
 def _transform_macs(d: int, dct_cost: str) -> float:
     """One DCT of a d-vector."""
     return d * d if dct_cost == "matmul" else d * math.log2(d)
+
+
+def training_macs(forward: float, entropy: float) -> float:
+    """A training step's MACs from the forward's: the backward costs ~2x the forward, except the
+    routing entropy (`entropy` of the forward MACs), which is not differentiated."""
+    return TRAIN_FACTOR * (forward - entropy) + entropy
 
 
 def entropy_macs(d: int, dct_cost: str) -> float:

@@ -26,14 +26,14 @@ QUERY_BLOCKS = 4
 # steps of the sequence length, so kernels that plan per shape (cuDNN attention,
 # torch.compile) see few distinct shapes, at a cost of at most 1/SHAPE_STEPS extra work.
 SHAPE_STEPS = 16
+# Chunk length of the causal linear-time RBF kernel attention.
+RBF_CHUNK = 64
 
 
 def round_up(n: int, limit: int) -> int:
     """n rounded up to a multiple of max(8, limit / SHAPE_STEPS), at most limit."""
     step = max(8, limit // SHAPE_STEPS)
     return min(-(-n // step) * step, limit)
-# Chunk length of the causal linear-time RBF kernel attention.
-RBF_CHUNK = 64
 
 
 class DCTMixer(nn.Module):
