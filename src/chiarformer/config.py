@@ -23,6 +23,7 @@ def layer_letters(ops: tuple[int, ...]) -> str:
     """The layout letters of one layer's operators, e.g. (0, 1) -> "DA"."""
     return "".join("DAR"[op] for op in ops)
 
+
 LAYOUTS = ("baseline", "dct_attn", "three_op", "dct_only")
 ROUTINGS = ("threshold", "soft", "hard", "topk")
 META_ROUTERS = ("none", "causal", "batch_mean")

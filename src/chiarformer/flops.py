@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .config import ATTN, DCT, RBF, ChiarConfig, layer_letters
+from .config import ATTN, DCT, OP_NAMES, RBF, ChiarConfig, layer_letters
 from .errors import UserError
 from .layers import QUERY_BLOCKS, RBF_CHUNK
 
@@ -155,7 +155,7 @@ class FlopsCount:
                 {
                     "layer": layer.index + 1,
                     "ops": layer_letters(layer.ops),
-                    "shares": {_OP_KEY[op]: share for op, share in layer.shares.items()},
+                    "shares": {OP_NAMES[op]: share for op, share in layer.shares.items()},
                     "components": dict(layer.macs),
                     "attention_sublayer": layer.mixing,
                     "total": layer.total,
@@ -165,7 +165,6 @@ class FlopsCount:
         }
 
 
-_OP_KEY = {DCT: "dct", ATTN: "attention", RBF: "rbf"}
 
 
 # --------------------------------------------------------------------------- shares
@@ -197,7 +196,7 @@ def layer_shares(ops: tuple[int, ...], attn_fraction: float, rbf_fraction: float
         raise UserError(f"operator shares {shares} of a layer without DCT must sum to 1")
     for op, share in shares.items():
         if not -1e-9 <= share <= 1.0 + 1e-9:
-            raise UserError(f"share of operator {_OP_KEY[op]} is {share:.3f}; it must lie in [0, 1]")
+            raise UserError(f"share of operator {OP_NAMES[op]} is {share:.3f}; it must lie in [0, 1]")
         shares[op] = min(max(share, 0.0), 1.0)
     return {op: shares[op] for op in ops}
 
@@ -496,7 +495,7 @@ def format_comparison(cmp: Comparison, preset: str | None = None, per_layer: boo
         header = f"{'layer':<7}{'ops':<5}" + "".join(f"{n:>10}" for n in COMPONENTS[1:-1]) + f"{'mixing':>10}"
         lines.append(header)
         for layer in chiar.layers:
-            row = f"{layer.index + 1:<7}{''.join('DAR'[o] for o in layer.ops):<5}"
+            row = f"{layer.index + 1:<7}{layer_letters(layer.ops):<5}"
             row += "".join(f"{_fmt(layer.macs.get(n, 0.0)):>10}" for n in COMPONENTS[1:-1])
             lines.append(row + f"{_fmt(layer.mixing):>10}")
     return "\n".join(lines)

@@ -55,7 +55,7 @@ class Calibration:
     @property
     def taus(self) -> list:
         """One entry per routed layer, as model.set_taus expects."""
-        return [lc.taus[0] if len(lc.taus) == 1 else list(lc.taus) for lc in self.layers]
+        return [tau_entry(lc.taus) for lc in self.layers]
 
     def to_dict(self) -> dict:
         return {
@@ -83,7 +83,7 @@ class Calibration:
             want = ", ".join(f"{k} {100 * v:.1f}%" for k, v in lc.target.items())
             off = any(abs(lc.achieved.get(k, 0.0) - v) > 0.01 for k, v in lc.target.items())
             lines.append(
-                f"layer {lc.layer + 1} ({''.join('DAR'[o] for o in lc.ops)}): tau = {taus}   achieved: {got}"
+                f"layer {lc.layer + 1} ({layer_letters(lc.ops)}): tau = {taus}   achieved: {got}"
                 + (f"   (target {want})" if want else "")
                 + ("   [off target: tokens with equal entropy cannot be split by a threshold]" if off else "")
             )
@@ -189,21 +189,25 @@ def _check_routable(cfg: ChiarConfig) -> None:
         )
 
 
+def tau_entry(taus: tuple) -> float | list:
+    """A layer's taus as model.set_taus and config.yaml take them: a float, or [low, high]."""
+    return taus[0] if len(taus) == 1 else list(taus)
+
+
 def calibrate_hidden(model, batches, target_attn: float | None = 0.25, target_rbf: float | None = None) -> Calibration:
     """Set each routed layer's taus, in order, to reach the target shares on `batches`."""
     cfg = model.cfg
     _check_routable(cfg)
     routed = cfg.routed_layers
-    taus: list = [list(cfg.layer_taus(i)) if len(cfg.layer_ops[i]) == 3 else cfg.layer_taus(i)[0] for i in routed]
+    taus: list = [tau_entry(cfg.layer_taus(i)) for i in routed]
     layers = []
     for j, i in enumerate(routed):
         ops = cfg.layer_ops[i]
         stats = common.collect_routing(model, batches)  # earlier layers already use their new taus
         targets = layer_targets(ops, target_attn, target_rbf)
         new = taus_for_shares(stats.entropy[i], ops, targets)
-        taus[j] = new[0] if len(new) == 1 else list(new)
+        taus[j] = tau_entry(new)
         model.set_taus(taus)
-        cfg = model.cfg
         layers.append(LayerCalibration(i, ops, new, {common.OP_LABELS[op].lower(): t for op, t in targets.items()}))
     _measure(model, batches, layers)
     return Calibration("hidden", layers, "")
@@ -213,15 +217,14 @@ def calibrate_paper(model, embedding_entropy: np.ndarray, batches) -> Calibratio
     cfg = model.cfg
     _check_routable(cfg)
     low, high, mid = paper_taus(embedding_entropy)
-    taus, layers = [], []
+    layers = []
     for i in cfg.routed_layers:
         ops = cfg.layer_ops[i]
-        t = (low, high) if len(ops) == 3 else (mid,)
-        taus.append(list(t) if len(t) == 2 else t[0])
-        layers.append(LayerCalibration(i, ops, t, {}))
-    model.set_taus(taus)
+        layers.append(LayerCalibration(i, ops, (low, high) if len(ops) == 3 else (mid,), {}))
+    calibration = Calibration("paper", layers, "")
+    model.set_taus(calibration.taus)
     _measure(model, batches, layers)
-    return Calibration("paper", layers, "")
+    return calibration
 
 
 def _measure(model, batches, layers: list[LayerCalibration]) -> None:

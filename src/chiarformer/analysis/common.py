@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -143,9 +143,6 @@ class RoutingStats:
         ops = self.ops[layer]
         return float((ops == op).mean()) if ops.size else 0.0
 
-    def shares(self) -> list[list[float]]:
-        """[[dct, attn, rbf] per layer] as in metrics.jsonl op_share."""
-        return [[self.share(i, op) for op in (DCT, ATTN, RBF)] for i in range(len(self.ops))]
 
 
 def collect_routing(model, batches: Iterable[Batch]) -> RoutingStats:
@@ -172,9 +169,3 @@ def collect_routing(model, batches: Iterable[Batch]) -> RoutingStats:
     return RoutingStats(
         [np.concatenate(e).astype(np.float32) for e in entropies], [np.concatenate(o).astype(np.int64) for o in ops], gates
     )
-
-
-def iter_layers_with(cfg: ChiarConfig, op: int) -> Iterator[int]:
-    for i, ops in enumerate(cfg.layer_ops):
-        if op in ops:
-            yield i

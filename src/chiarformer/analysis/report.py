@@ -309,7 +309,6 @@ def plot_op_usage(s: RunSummary, path: Path) -> Path | None:
     plt = _plt()
     steps = [r["step"] for r in rows]
     routed = s.routed
-    colors = {op: common.OP_COLORS[op] for op in (DCT, ATTN, RBF)}
     if len(routed) <= 8:
         cols = min(4, len(routed))
         nrows = math.ceil(len(routed) / cols)
@@ -317,7 +316,7 @@ def plot_op_usage(s: RunSummary, path: Path) -> Path | None:
         for k, i in enumerate(routed):
             ax = axes[k // cols][k % cols]
             for op in s.model.layer_ops[i]:
-                ax.plot(steps, [r["op_share"][i][op] for r in rows], color=colors[op], label=common.OP_LABELS[op])
+                ax.plot(steps, [r["op_share"][i][op] for r in rows], color=common.OP_COLORS[op], label=common.OP_LABELS[op])
             ax.axhline(0.01, color="grey", lw=0.6, ls=":")
             ax.set_ylim(-0.02, 1.02)
             ax.set_title(f"layer {i + 1}", fontsize=9)
@@ -351,9 +350,8 @@ def plot_entropy(s: RunSummary, stats: common.RoutingStats, cfg: ChiarConfig, pa
     plt = _plt()
     n_layers = len(stats.entropy)
     layers = list(range(n_layers)) if n_layers <= 8 else (cfg.routed_layers or list(range(n_layers)))
-    if len(layers) > 12:
-        layers = sorted(set(np.linspace(0, len(layers) - 1, 12).round().astype(int).tolist()))
-        layers = [(cfg.routed_layers or list(range(n_layers)))[k] for k in layers]
+    if len(layers) > 12:  # an even sample of them
+        layers = [layers[k] for k in sorted(set(np.linspace(0, len(layers) - 1, 12).round().astype(int).tolist()))]
     cols = min(4, len(layers))
     nrows = math.ceil(len(layers) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.8 * nrows), squeeze=False)

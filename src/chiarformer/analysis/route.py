@@ -20,7 +20,7 @@ import torch
 
 from ..config import ATTN, DCT, RBF, layer_letters
 from ..errors import UserError
-from .common import OP_COLORS, OP_LABELS
+from .common import OP_COLORS, OP_LABELS, Batch, forward_routing
 
 # 256-colour ANSI backgrounds close to OP_COLORS (blue, orange, green), with readable text.
 ANSI = {DCT: "\x1b[48;5;25m\x1b[97m", ATTN: "\x1b[48;5;208m\x1b[30m", RBF: "\x1b[48;5;71m\x1b[30m"}
@@ -80,9 +80,7 @@ def route_text(model, tokenizer, text: str) -> RouteView:
     cfg = model.cfg
     dropped = max(0, len(ids) - cfg.max_seq_len)
     ids = ids[: cfg.max_seq_len]
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model(torch.tensor([ids], device=device), return_routing=True)
+    out = forward_routing(model, Batch(torch.tensor([ids]), None))
     entropy = np.stack([info.entropy[0].float().cpu().numpy() for info in out.routing])
     ops = np.stack([info.ops[0].cpu().numpy() for info in out.routing]).astype(np.int64)
     taus = {i: cfg.layer_taus(i) for i in cfg.routed_layers} if cfg.routing == "threshold" else {}
@@ -96,6 +94,11 @@ def _layer_title(view: RouteView, i: int) -> str:
     taus = view.taus.get(i)
     extra = f", tau {'/'.join(f'{t:.4f}' for t in taus)}" if taus else ""
     return f"layer {i + 1} ({letters}{extra})"
+
+
+def _share_text(view: RouteView, i: int) -> str:
+    """Layer i's operators with the share of tokens each took, e.g. "DCT 75%, attention 25%"."""
+    return ", ".join(f"{OP_LABELS[op]} {100 * float(np.mean(view.ops[i] == op)):.0f}%" for op in view.layer_ops[i])
 
 
 def render_ansi(view: RouteView, color: bool = True, all_layers: bool = False) -> str:
@@ -113,7 +116,7 @@ def render_ansi(view: RouteView, color: bool = True, all_layers: bool = False) -
     width = max(len(_layer_title(view, i)) for i in shown)
     for i in shown:
         text = "".join(paint(tok, int(op)) for tok, op in zip(view.tokens, view.ops[i]))
-        share = ", ".join(f"{OP_LABELS[op]} {100 * float(np.mean(view.ops[i] == op)):.0f}%" for op in view.layer_ops[i])
+        share = _share_text(view, i)
         lines.append(f"{_layer_title(view, i):<{width}}  [{share}]")
         lines.append(f"  {text}")
     lines.append("")
@@ -167,7 +170,7 @@ def render_html(view: RouteView, title: str = "CHIAR-Former routing", all_layers
     if view.truncated:
         body.append(f"<p>The text was truncated: {view.truncated} token(s) beyond max_seq_len were dropped.</p>")
     for i in shown:
-        share = ", ".join(f"{OP_LABELS[op]} {100 * float(np.mean(view.ops[i] == op)):.0f}%" for op in view.layer_ops[i])
+        share = _share_text(view, i)
         spans = "".join(
             f'<span class="tok op{int(view.ops[i, t])}" title="{tips[t]}">{html.escape(view.tokens[t])}</span>'
             for t in range(len(view.ids))
