@@ -61,20 +61,24 @@ class ClassificationData:
         positions = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
         return ClassificationData(np.asarray(self.tokens[positions]), offsets, np.asarray(self.labels[indices]), self.pad_id)
 
+    def truncated(self, max_len: int | None) -> ClassificationData:
+        """Every example, cut to its first max_len tokens."""
+        return self.select(np.arange(len(self)), max_len)
+
     def batch(self, indices, pad_to: int | None = None) -> dict[str, torch.Tensor]:
         """Padded tensors for the examples at `indices` (see the module docstring)."""
-        indices = np.asarray(indices, np.int64)
-        lengths = self.offsets[indices + 1] - self.offsets[indices]
+        sub = self.select(indices)
+        lengths = sub.lengths()
         width = int(lengths.max()) if pad_to is None else pad_to
         if width < lengths.max():
             raise UserError(f"pad_to={pad_to} is shorter than the longest example ({int(lengths.max())})")
-        ids = np.full((len(indices), width), self.pad_id, np.int64)
+        ids = np.full((len(sub), width), self.pad_id, np.int64)
         mask = np.arange(width)[None, :] < lengths[:, None]
-        ids[mask] = self.select(indices).tokens
+        ids[mask] = sub.tokens
         return {
             "input_ids": torch.from_numpy(ids),
             "attention_mask": torch.from_numpy(mask),
-            "labels": torch.from_numpy(np.asarray(self.labels[indices], np.int64)),
+            "labels": torch.from_numpy(np.asarray(sub.labels, np.int64)),
         }
 
 

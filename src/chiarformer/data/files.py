@@ -92,8 +92,3 @@ def read_text_pieces(path: str | os.PathLike, what: str = "text file") -> Iterat
                 break
     if not seen_text:
         raise UserError(f"{what} holds only whitespace: {p}")
-
-
-def read_text(path: str | os.PathLike, what: str = "text file") -> str:
-    """The whole UTF-8 text of a file (see read_text_pieces for the checks)."""
-    return "".join(read_text_pieces(path, what))

@@ -52,13 +52,18 @@ def _folder_source(split_dir: Path) -> ReviewSource:
     if not files:
         raise UserError(f"no reviews in {split_dir}/pos or {split_dir}/neg")
     # 25k small files: a manifest of names, sizes and times stands in for hashing their bytes.
-    manifest = "\n".join(f"{p.parent.name}/{p.name} {p.stat().st_size} {p.stat().st_mtime_ns}" for _, _, p in files)
+    manifest = "\n".join(_stamp(p) for _, _, p in files)
 
     def read():
         texts = [_read_review(p) for _, _, p in files]
         return texts, np.array([label for label, _, _ in files], np.int64)
 
     return ReviewSource(str(split_dir), "folder-" + hashlib.sha256(manifest.encode()).hexdigest(), read)
+
+
+def _stamp(p: Path) -> str:
+    st = p.stat()
+    return f"{p.parent.name}/{p.name} {st.st_size} {st.st_mtime_ns}"
 
 
 def _review_id(p: Path) -> int:

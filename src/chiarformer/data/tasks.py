@@ -22,6 +22,7 @@ default = seq_len, the published non-overlapping protocol) and tokenizer ("gpt2"
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from dataclasses import dataclass
@@ -132,14 +133,6 @@ def _wikitext(version, *, data_dir, cache, seq_len, stride=None, variant="raw", 
     return _lm_task(f"wikitext{version}", tok, seq_len, stride, splits, sources, {"dataset": f"WikiText-{version} ({variant})", "proxy": False})
 
 
-def _wikitext2(*, data_dir, cache, seq_len, stride=None, variant="raw", tokenizer="gpt2", path=None) -> Task:
-    return _wikitext("2", data_dir=data_dir, cache=cache, seq_len=seq_len, stride=stride, variant=variant, tokenizer=tokenizer, path=path)
-
-
-def _wikitext103(*, data_dir, cache, seq_len, stride=None, variant="raw", tokenizer="gpt2", path=None) -> Task:
-    return _wikitext("103", data_dir=data_dir, cache=cache, seq_len=seq_len, stride=stride, variant=variant, tokenizer=tokenizer, path=path)
-
-
 def _wikitext2_proxy(*, data_dir, cache, seq_len, stride=None, val_fraction=0.1, tokenizer="gpt2", path=None) -> Task:
     tok = get_tokenizer(tokenizer)
     valid = wikitext_source("2", "valid", "raw", data_dir, path)
@@ -234,31 +227,35 @@ def _imdb_task(name, default_len, *, data_dir, cache, seq_len, val_fraction, see
         "truncation": f"first {seq_len} tokens",
         "selection": "validation only; test evaluated once",
     }
-    train, val, test = full_train.select(kept, seq_len), full_train.select(held, seq_len), full_test.select(np.arange(len(full_test)), seq_len)
+    train, val, test = full_train.select(kept, seq_len), full_train.select(held, seq_len), full_test.truncated(seq_len)
     return _classification_task(name, tok, seq_len, train, val, test, 2, protocol)
 
 
-def _imdb(*, data_dir, cache, seq_len, val_fraction=0.1, seed=0, tokenizer="gpt2", path=None) -> Task:
-    return _imdb_task("imdb", 256, data_dir=data_dir, cache=cache, seq_len=seq_len, val_fraction=val_fraction, seed=seed, tokenizer=tokenizer, path=path)
+SPLITS = ("train", "val", "test")
 
 
-def _lra_text(*, data_dir, cache, seq_len, val_fraction=0.1, seed=0, tokenizer="bytes", path=None) -> Task:
-    return _imdb_task("lra-text", 1000, data_dir=data_dir, cache=cache, seq_len=seq_len, val_fraction=val_fraction, seed=seed, tokenizer=tokenizer, path=path)
+def _cut(rows: list, n_train: int, n_val: int) -> dict[str, list]:
+    return {"train": rows[:n_train], "val": rows[n_train : n_train + n_val], "test": rows[n_train + n_val :]}
+
+
+def _encode_rows(rows: list, tok: ListOpsTokenizer) -> ClassificationData:
+    """(expression, label) rows as token sequences."""
+    return ClassificationData.from_sequences([tok.encode(x) for x, _ in rows], [t for _, t in rows], tok.pad_id)
 
 
 def _listops_examples(read_rows, tok: ListOpsTokenizer, seq_len: int, cache: Cache, key: dict) -> dict[str, ClassificationData]:
     def build():
         arrays = {}
         for split, split_rows in read_rows().items():
-            data = ClassificationData.from_sequences([tok.encode(s) for s, _ in split_rows], [t for _, t in split_rows], tok.pad_id)
+            data = _encode_rows(split_rows, tok)
             arrays |= {f"{split}_tokens": data.tokens, f"{split}_offsets": data.offsets, f"{split}_labels": data.labels}
         return arrays
 
     arrays = cache.arrays(f"listops-{tok.style}", {"what": "listops-tokens", "tokenizer": tok.fingerprint, **key}, build)
     out = {}
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         data = ClassificationData(arrays[f"{split}_tokens"], arrays[f"{split}_offsets"], arrays[f"{split}_labels"], tok.pad_id)
-        out[split] = data.select(np.arange(len(data)), seq_len)
+        out[split] = data.truncated(seq_len)
     return out
 
 
@@ -281,11 +278,10 @@ def _listops(
 ) -> Task:
     tok = ListOpsTokenizer(style)
     if path is not None:
-        files = {split: Path(path).expanduser() / f"basic_{split}.tsv" for split in ("train", "val", "test")}
-        key = {"source": checksum([require_file(f, "ListOps TSV file") for f in files.values()])}
-        source = {"dataset": "LRA ListOps (files)", "splits": {s: str(f) for s, f in files.items()}}
+        folder = Path(path).expanduser()
+        key = {"source": checksum([require_file(folder / f"basic_{s}.tsv", "ListOps TSV file") for s in SPLITS])}
+        source = {"dataset": "LRA ListOps (files)"}
         seq_len = seq_len or LRA_SIZES["max_length"]
-        examples = _listops_examples(lambda: {s: read_listops_tsv(f) for s, f in files.items()}, tok, seq_len, cache, key)
     else:
         sizes = {"n_train": n_train, "n_val": n_val, "n_test": n_test}
         _check_sizes(**sizes)
@@ -294,14 +290,15 @@ def _listops(
 
         def write_tsv(folder: Path) -> None:
             rows = generate_listops(n_train + n_val + n_test, seed=seed, workers=workers, **rules)
-            cuts = {"train": rows[:n_train], "val": rows[n_train : n_train + n_val], "test": rows[n_train + n_val :]}
-            for split, split_rows in cuts.items():
+            for split, split_rows in _cut(rows, n_train, n_val).items():
                 write_listops_tsv(folder / f"basic_{split}.tsv", split_rows)
 
         folder = cache.folder("listops", key, write_tsv)
-        source = {"dataset": "LRA ListOps (generated)", "generation": {"seed": seed, **sizes, **rules}, "splits": {s: str(folder / f"basic_{s}.tsv") for s in ("train", "val", "test")}}
+        source = {"dataset": "LRA ListOps (generated)", "generation": {"seed": seed, **sizes, **rules}}
         seq_len = seq_len or max_length
-        examples = _listops_examples(lambda: {s: read_listops_tsv(folder / f"basic_{s}.tsv") for s in ("train", "val", "test")}, tok, seq_len, cache, key)
+    files = {s: folder / f"basic_{s}.tsv" for s in SPLITS}
+    source["splits"] = {s: str(f) for s, f in files.items()}
+    examples = _listops_examples(lambda: {s: read_listops_tsv(f) for s, f in files.items()}, tok, seq_len, cache, key)
     protocol = {**source, "tokenizer": tok.name, "seq_len": seq_len, "truncation": f"first {seq_len} tokens", "selection": "validation only; test evaluated once"}
     return _classification_task("listops", tok, seq_len, examples["train"], examples["val"], examples["test"], 10, protocol)
 
@@ -310,8 +307,7 @@ def _listops_flat(*, data_dir, cache, seq_len, n_train=10_000, n_val=1_000, n_te
     tok = ListOpsTokenizer(style)
     _check_sizes(n_train=n_train, n_val=n_val, n_test=n_test)
     rows = generate_listops_flat(n_train + n_val + n_test, seed=seed, min_args=min_args, max_args=max_args)
-    cuts = {"train": rows[:n_train], "val": rows[n_train : n_train + n_val], "test": rows[n_train + n_val :]}
-    data = {s: ClassificationData.from_sequences([tok.encode(x) for x, _ in r], [t for _, t in r], tok.pad_id) for s, r in cuts.items()}
+    data = {s: _encode_rows(r, tok) for s, r in _cut(rows, n_train, n_val).items()}
     seq_len = seq_len or max_args + 2
     protocol = {
         "dataset": "flat ListOps toy (paper's variant), splits disjoint",
@@ -320,18 +316,19 @@ def _listops_flat(*, data_dir, cache, seq_len, n_train=10_000, n_val=1_000, n_te
         "seq_len": seq_len,
         "selection": "validation only; test evaluated once",
     }
-    data = {s: d.select(np.arange(len(d)), seq_len) for s, d in data.items()}
+    data = {s: d.truncated(seq_len) for s, d in data.items()}
     return _classification_task("listops-flat", tok, seq_len, data["train"], data["val"], data["test"], 10, protocol)
 
 
 _LOADERS = {
-    "wikitext2": _wikitext2,
-    "wikitext103": _wikitext103,
+    # partial keeps the options' defaults visible to task_options (inspect.signature)
+    "wikitext2": functools.partial(_wikitext, "2"),
+    "wikitext103": functools.partial(_wikitext, "103"),
     "wikitext2-proxy": _wikitext2_proxy,
     "imdb-lm-proxy": _imdb_lm_proxy,
     "text": _text,
-    "imdb": _imdb,
-    "lra-text": _lra_text,
+    "imdb": functools.partial(_imdb_task, "imdb", 256, val_fraction=0.1, seed=0, tokenizer="gpt2", path=None),
+    "lra-text": functools.partial(_imdb_task, "lra-text", 1000, val_fraction=0.1, seed=0, tokenizer="bytes", path=None),
     "listops": _listops,
     "listops-flat": _listops_flat,
 }
