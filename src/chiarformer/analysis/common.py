@@ -84,7 +84,7 @@ def validation_batches(run, split: str = "val", batch_size: int = 8, max_batches
     """Batches of the run's own `split` data (reloaded through the engine's task registry)."""
     from ..train.tasks import load_task
 
-    data = load_task(run.run_config, quiet=True, splits=(split,))
+    data = load_task(run.run_config, quiet=True)
     dataset = {"val": data.val, "test": data.test, "train": data.train}.get(split)
     if dataset is None or len(dataset) == 0:
         raise UserError(f"task {run.run_config.task} has no {split} split to calibrate or analyse on")

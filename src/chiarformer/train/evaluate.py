@@ -19,6 +19,16 @@ from .datasets import shard
 N_OPS = 3  # DCT, ATTN, RBF
 
 
+def eval_protocol(data, cfg, split: str | None = None) -> dict:
+    """The task's protocol, with the evaluated split and, for language models, context and stride."""
+    protocol = dict(data.protocol)
+    if split is not None:
+        protocol["split"] = split
+    if data.kind == "lm":
+        protocol.update(context=cfg.data.seq_len, stride=cfg.data.eval_stride or cfg.data.seq_len)
+    return protocol
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -52,13 +62,13 @@ def evaluate(
             order = np.random.default_rng(0).permutation(n)[: n_steps * per_step]
         if hasattr(dataset, "lengths"):  # similar lengths together: less padding, same metrics
             order = order[np.argsort(np.asarray(dataset.lengths())[order], kind="stable")]
-    n_items = len(order) if dataset.kind != "lm" else n
     n_layers = model.cfg.n_layers
-    sums = torch.zeros(5 + n_layers * N_OPS, dtype=torch.float64)  # nats, targets, correct, bytes, examples, ops
+    # Sums stay on the device until the end: no host copy per batch.
+    sums = torch.zeros(5 + n_layers * N_OPS, dtype=torch.float64, device=device)  # nats, targets, correct, bytes, examples, ops
     lm = dataset.kind == "lm"
-    byte_table = torch.as_tensor(token_bytes, dtype=torch.float64) if (lm and token_bytes is not None) else None
+    byte_table = torch.as_tensor(token_bytes, dtype=torch.float64, device=device) if (lm and token_bytes is not None) else None
     for step in range(n_steps):
-        global_idx = order[step * per_step : min(n_items, (step + 1) * per_step)]
+        global_idx = order[step * per_step : (step + 1) * per_step]
         idx = shard(global_idx, info.rank, info.world)
         dummy = len(idx) == 0
         if dummy:
@@ -67,35 +77,31 @@ def evaluate(
             idx = global_idx[:1]
         batch = {k: v.to(device, non_blocking=True) for k, v in dataset.batch(idx).items()}
         with autocast():
-            if lm:
-                out = model(batch["input_ids"])
-            else:
-                out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+            out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
         if dummy:
             continue
-        logits = out.logits.float()
         if lm:
             targets = batch["labels"][:, 1:]
-            flat = logits[:, :-1].reshape(-1, logits.shape[-1])
-            nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="none").view_as(targets)
+            logits = out.logits[:, :-1].float()  # one copy: the predictions that have a target
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                                  reduction="none").view_as(targets)
             scored = targets != -100
-            sums[0] += nll[scored].sum().double().cpu()
-            sums[1] += scored.sum().cpu()
-            sums[2] += ((logits[:, :-1].argmax(-1) == targets) & scored).sum().cpu()
+            sums[0] += nll[scored].sum().double()
+            sums[1] += scored.sum()
+            sums[2] += ((logits.argmax(-1) == targets) & scored).sum()
             if byte_table is not None:
-                sums[3] += byte_table[targets[scored].cpu()].sum()
+                sums[3] += byte_table[targets[scored]].sum()
             sums[4] += targets.shape[0]
             mask = None
         else:
-            labels = batch["labels"]
-            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double().cpu()
+            logits, labels = out.logits.float(), batch["labels"]
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
             sums[1] += labels.numel()
-            sums[2] += (logits.argmax(-1) == labels).sum().cpu()
+            sums[2] += (logits.argmax(-1) == labels).sum()
             sums[4] += labels.numel()
             mask = batch.get("attention_mask")
         if out.routing:
-            sums[5:] += op_counts(out.routing, mask).flatten().double().cpu()
-    sums = sums.to(device)
+            sums[5:] += op_counts(out.routing, mask).flatten().double()
     D.all_reduce_sum(sums, info)
     sums = sums.cpu()
     model.train(was_training)

@@ -30,7 +30,7 @@ from . import checkpoint as C
 from . import dist as D
 from .config import RunConfig
 from .datasets import BatchSampler, TaskData, shard
-from .evaluate import N_OPS, evaluate, op_counts, shares
+from .evaluate import N_OPS, eval_protocol, evaluate, op_counts, shares
 
 # A test hook: seconds to sleep after every optimizer step (lets a test kill a run mid-training).
 STEP_DELAY_ENV = "CHIAR_DEBUG_STEP_DELAY"
@@ -123,7 +123,7 @@ class Trainer:
         if len(data.val) == 0:
             raise UserError(f"task {cfg.task} has an empty validation split with these settings")
         self.max_steps = t.max_steps or max(1, math.ceil(t.epochs * n_train / t.batch_size))
-        self.warmup = min(t.warmup_steps, max(1, self.max_steps // 10)) if t.warmup_steps > self.max_steps // 10 else t.warmup_steps
+        self.warmup = min(t.warmup_steps, max(1, self.max_steps // 10))
         self.eval_every = t.eval_every or max(1, math.ceil(self.max_steps / 10))
         self.ckpt_every = t.ckpt_every or self.eval_every
         self.select = t.select_metric if t.select_metric != "auto" else ("loss" if self.kind == "lm" else "accuracy")
@@ -333,14 +333,10 @@ class Trainer:
             ctx = no_sync() if (not sync and no_sync is not None) else contextlib.nullcontext()
             with ctx:
                 with self.autocast():
-                    if self.kind == "lm":
-                        out = self.train_model(batch["input_ids"], labels=batch["labels"])
-                    else:
-                        out = self.train_model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                               labels=batch["labels"])
+                    out = self.train_model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                           labels=batch["labels"])
                     loss = out.loss
-                    total = loss + out.aux_loss if out.aux_loss is not None else loss
-                    scaled = total * (len(idx) / len(local_idx))
+                    scaled = (loss + out.aux_loss) * (len(idx) / len(local_idx))
                 if self.scaler is not None:
                     self.scaler.scale(scaled).backward()
                 else:
@@ -377,8 +373,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += int(tokens)
-        meta_gate = float(out.meta_gate.detach().float().mean()) if out.meta_gate is not None else None
-        return {"stats": stats, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        # No further host syncs: the norm is the reduced one (every rank holds the same value) and
+        # the gate is read only when a log line is written.
+        meta_gate = out.meta_gate.detach().float().mean() if out.meta_gate is not None else None
+        return {"stats": stats, "lr": lr, "grad_norm": norm_sum / self.info.world if grad_norm is not None else None,
                 "meta_gate": meta_gate}
 
     def _last_good(self) -> str:
@@ -396,10 +394,7 @@ class Trainer:
             max_batches=0 if full else self.cfg.train.eval_batches, dist_info=self.info,
             token_bytes=self.data.token_bytes, lockstep=self.fsdp,
         )
-        protocol = dict(self.data.protocol)
-        protocol["split"] = split
-        if self.kind == "lm":
-            protocol.update(context=self.cfg.data.seq_len, stride=self.cfg.data.eval_stride or self.cfg.data.seq_len)
+        protocol = eval_protocol(self.data, self.cfg, split)
         record = {"kind": "eval", "split": split, "step": self.step, **metrics, "protocol": protocol, "time": self.train_time}
         self.log(record)
         return record
@@ -437,7 +432,7 @@ class Trainer:
                             desc=f"{self.cfg.task}/{self.cfg.model.layout}")
         delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
         window = torch.zeros(4 + self.n_layers * N_OPS, dtype=torch.float64, device=self.device)
-        window_time, window_steps, out = 0.0, 0, None
+        window_time, out = 0.0, None
         try:
             while self.step < self.max_steps:
                 start = time.perf_counter()
@@ -448,7 +443,6 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 window_time += elapsed
                 self.train_time += elapsed
-                window_steps += 1
                 if delay:
                     time.sleep(delay)
                 ckpt_due = self.step % self.ckpt_every == 0 or self.step == self.max_steps
@@ -456,7 +450,7 @@ class Trainer:
                     # Windows also close at checkpoints, so a resumed run logs the same lines.
                     self._log_train(window, window_time, out)
                     window.zero_()
-                    window_time, window_steps = 0.0, 0
+                    window_time = 0.0
                 if self.step % self.eval_every == 0 or self.step == self.max_steps:
                     self._show_eval(self.validate_and_save(full=self.step == self.max_steps))
                 if ckpt_due:
@@ -470,15 +464,15 @@ class Trainer:
                 self.bar = None
 
     def _log_train(self, window: torch.Tensor, elapsed: float, out: dict) -> None:
-        w = window.clone()
-        D.all_reduce_sum(w, self.info)
-        w = w.cpu()
+        D.all_reduce_sum(window, self.info)  # fit() zeroes the window after this
+        w = window.cpu()
         loss = float(w[0] / w[1]) if w[1] else float("nan")
         tokens = int(w[3])
         tok_s = tokens / elapsed if elapsed > 0 else None
         op_share = shares(w[4:].view(self.n_layers, N_OPS))
         rec = {"kind": "train", "step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": out["lr"],
-               "tokens_per_s": tok_s, "grad_norm": out["grad_norm"], "op_share": op_share, "meta_gate": out["meta_gate"],
+               "tokens_per_s": tok_s, "grad_norm": out["grad_norm"], "op_share": op_share,
+               "meta_gate": float(out["meta_gate"]) if out["meta_gate"] is not None else None,
                "time": round(self.train_time, 4)}
         if self.kind == "lm":
             rec["ppl"] = math.exp(min(loss, 700.0))
@@ -533,9 +527,7 @@ class Trainer:
             pkg_version = None
         keep = ("loss", "ppl", "bpb", "accuracy", "op_share", "tokens", "bytes", "examples")
         test = {k: test_record[k] for k in keep if k in test_record} if test_record else None
-        protocol = dict(self.data.protocol)
-        if self.kind == "lm":
-            protocol.update(context=self.cfg.data.seq_len, stride=self.cfg.data.eval_stride or self.cfg.data.seq_len)
+        protocol = eval_protocol(self.data, self.cfg)
         return {
             "run": self.run_dir.name,
             "version": pkg_version,

@@ -129,19 +129,16 @@ def format_metrics(metrics: dict, kind: str | None) -> str:
 def evaluate_run(run_dir: str | Path, split: str = "val", which: str = "best", batch_size: int = 0,
                  device: str = "auto", max_batches: int = 0) -> dict:
     """Evaluate a run's checkpoint on a split (reloading the task data). Nothing is written."""
-    from .evaluate import evaluate
+    from .evaluate import eval_protocol, evaluate
     from .loop import autocast_for, pick_device
     from .dist import DistInfo
     from .tasks import finalize_model_config, load_task
 
     run_dir = Path(run_dir)
-    loaded_cfg = RunConfig.load(Path(run_dir) / "config.yaml") if (Path(run_dir) / "config.yaml").is_file() else None
-    if loaded_cfg is None:
-        _check_run_dir(run_dir)
     dev = pick_device(device, DistInfo())
     run = load_run(run_dir, which, device=dev)
     cfg = run.run_config
-    data = load_task(cfg, quiet=True, splits=(split,))
+    data = load_task(cfg, quiet=True)
     finalize_model_config(cfg, data)  # checks the data still fits the model (vocabulary, classes)
     dataset = {"val": data.val, "test": data.test, "train": data.train}[split]
     if dataset is None or len(dataset) == 0:
@@ -150,10 +147,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", which: str = "best", b
     metrics = evaluate(run.model, dataset, batch_size=batch_size or cfg.train.eval_batch_size or
                        cfg.train.micro_batch_size or cfg.train.batch_size, device=dev, autocast=autocast,
                        max_batches=max_batches, token_bytes=data.token_bytes)
-    protocol = dict(data.protocol)
-    protocol["split"] = split
-    if data.kind == "lm":
-        protocol.update(context=cfg.data.seq_len, stride=cfg.data.eval_stride or cfg.data.seq_len)
+    protocol = eval_protocol(data, cfg, split)
     return {"kind": "eval", "split": split, "step": run.step, "checkpoint": which, **metrics, "protocol": protocol,
             "task_kind": data.kind}
 

@@ -134,7 +134,7 @@ class ClassificationView:
         return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def load_task(cfg: RunConfig, quiet: bool = False, splits: tuple[str, ...] | None = None) -> TaskData:
+def load_task(cfg: RunConfig, quiet: bool = False) -> TaskData:
     """Load the run's task through chiarformer.data and wrap it for the engine."""
     from .. import data as D
 
