@@ -59,10 +59,11 @@ def cmd_train(args) -> int:
         if args.config or args.task or args.model or args.preset:
             fresh = resolve(args.task or cfg.task, args.preset or cfg.preset, args.model, args.config, args.sets)
             from .train.config import diff
+            from .train.tasks import TASK_FILLED_FIELDS
 
             changed = diff(cfg, fresh, sections=("task", "preset", "model", "data"))
-            # vocab_size / n_classes / max_seq_len are filled in from the task when training starts.
-            changed = [c for c in changed if not c.split(":")[0] in ("model.vocab_size", "model.n_classes", "model.max_seq_len")]
+            # fields the task fills in when training starts do not count
+            changed = [c for c in changed if c.split(":")[0].removeprefix("model.") not in TASK_FILLED_FIELDS]
             if changed:
                 raise UserError(f"the checkpoint in {out} does not fit the given config: {'; '.join(changed[:3])}")
         apply_sets(cfg, args.sets)
@@ -71,7 +72,6 @@ def cmd_train(args) -> int:
         cfg = resolve(args.task, args.preset, args.model, args.config, args.sets)
         if out is None:
             out = Path("runs") / f"{cfg.task}-{cfg.model.layout.replace(',', '')}-{cfg.preset}"
-        prepare_run_dir(out, resume=False)
     results = train(cfg, out, resume=args.resume, quiet=args.quiet)
     if not args.quiet:
         _print_results(results, out)

@@ -59,6 +59,7 @@ def run_quickstart(steps: int | None = None, seed: int = 0, out: str | None = No
                    quiet: bool = False, n_train: int | None = None, lengths: tuple[int, int] | None = None,
                    depth: int | None = None) -> dict:
     from .train import resolve, train
+    from .train.tasks import load_task
 
     steps = DEFAULT_STEPS if steps is None else steps
     n_train = DEFAULT_TRAIN if n_train is None else n_train
@@ -83,17 +84,19 @@ def run_quickstart(steps: int | None = None, seed: int = 0, out: str | None = No
         if not quiet:
             print(f"chiar quickstart: ListOps ({n_train} generated training expressions), {steps} steps per model, "
                   f"CPU, {threads or os.cpu_count()} thread(s)", file=sys.stderr, flush=True)
-        rows = {}
+        rows, data = {}, None
         for name, layout, extra in MODELS:
             cfg = resolve("listops", "tiny", layout, sets=sets + extra)
+            if data is None:  # both models read the same data
+                data = load_task(cfg, quiet=quiet)
             if not quiet:
                 print(f"--- training {name} ({layout}{', ' + cfg.model.routing if cfg.model.routed_layers else ''})",
                       file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            results = train(cfg, root / _folder(name), quiet=quiet)
+            results = train(cfg, root / _folder(name), quiet=quiet, data=data)
             rows[name] = {"cfg": cfg, "results": results, "wall_s": time.perf_counter() - t0,
                           "run_dir": root / _folder(name)}
-        table = format_table(rows, steps, n_train, time.perf_counter() - started)
+        table = format_table(rows, data, steps, n_train, time.perf_counter() - started)
         print(table)
         if out is not None:
             (root / "quickstart.txt").write_text(table + "\n")
@@ -109,13 +112,17 @@ def _folder(name: str) -> str:
     return "quickstart-" + name.lower().replace(" ", "-").replace("(", "").replace(")", "")
 
 
-def format_table(rows: dict, steps: int, n_train: int, total_s: float) -> str:
+def format_table(rows: dict, data, steps: int, n_train: int, total_s: float) -> str:
     from . import flops
 
     names = list(rows)
     first = rows[names[0]]
     cfg0 = first["cfg"]
-    mean_len, majority = _test_stats(first)
+    mean_len, majority = _test_stats(data)
+    counts = {
+        name: flops.count_flops(row["cfg"].model, seq_len=mean_len, attn_fraction=_routed_shares(row["results"], row["cfg"]))
+        for name, row in rows.items()
+    }
 
     def cell(name: str, key: str) -> str:
         row = rows[name]
@@ -140,13 +147,12 @@ def format_table(rows: dict, steps: int, n_train: int, total_s: float) -> str:
         if key == "attn":
             return " ".join(f"{layer[1]:.2f}" for layer in r["test"]["op_share"])
         if key == "flops":
-            count = flops.count_flops(cfg.model, seq_len=mean_len, attn_fraction=_routed_shares(r, cfg))
-            return f"{count.forward_per_token / 1e6:.3f}M"
+            return f"{counts[name].forward_per_token / 1e6:.3f}M"
         if key == "wall":
             return f"{row['wall_s']:.0f} s"
         raise KeyError(key)
 
-    base_flops = flops.count_flops(cfg0.model, seq_len=mean_len).forward_per_token
+    base_flops = counts[names[0]].forward_per_token
     labels = [
         ("layout (per layer)", "layout"),
         ("routing", "routing"),
@@ -162,8 +168,7 @@ def format_table(rows: dict, steps: int, n_train: int, total_s: float) -> str:
     col = max(28, max(len(n) for n in names) + 2)
     values = {name: {key: cell(name, key) for _, key in labels} for name in names}
     for name in names[1:]:
-        cfg = rows[name]["cfg"]
-        count = flops.count_flops(cfg.model, seq_len=mean_len, attn_fraction=_routed_shares(rows[name]["results"], cfg))
+        count = counts[name]
         values[name]["flops"] += f" ({100 * (1 - count.forward_per_token / base_flops):+.1f}% vs baseline)".replace("+", "-", 1) \
             if count.forward_per_token <= base_flops else f" (+{100 * (count.forward_per_token / base_flops - 1):.1f}%)"
         col = max(col, *(len(v) + 2 for v in values[name].values()))
@@ -198,13 +203,10 @@ def _routed_shares(results: dict, cfg) -> list[float] | None:
     return [share[i][1] for i in routed]
 
 
-def _test_stats(row: dict) -> tuple[int, float]:
-    """(mean non-padding length, majority-class share) of the test split (re-read from the cache)."""
+def _test_stats(data) -> tuple[int, float]:
+    """(mean non-padding length, majority-class share) of the test split."""
     import numpy as np
 
-    from .train.tasks import load_task
-
-    data = load_task(row["cfg"], quiet=True)
     lengths = data.test.data.lengths()
     labels = np.asarray(data.test.data.labels)
     return max(1, int(round(float(lengths.mean())))), float(np.bincount(labels).max() / len(labels))
