@@ -243,6 +243,35 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, mon
     assert not (run / "results.json").exists()
 
 
+def test_fp16_gradient_overflow_is_skipped_by_the_scaler_not_a_divergence(tmp_path, corpus, monkeypatch):
+    """With a GradScaler (fp16 on CUDA; a CPU scaler stands in here) an overflowing step is skipped
+    and the scale lowered, as the scaler is meant to; only without one is it a divergence."""
+    from chiarformer.train.loop import Trainer
+    from chiarformer.train.tasks import finalize_model_config, load_task
+
+    cfg = text_cfg(corpus, "train.max_steps=4")
+    data = load_task(cfg, quiet=True)
+    finalize_model_config(cfg, data)
+    real_forward = ChiarForCausalLM.forward
+
+    def overflowing(self, *args, **kwargs):  # finite loss, gradients that overflow once scaled
+        out = real_forward(self, *args, **kwargs)
+        out.loss = out.loss * 1e34
+        return out
+
+    monkeypatch.setattr(ChiarForCausalLM, "forward", overflowing)
+    (tmp_path / "scaled").mkdir()
+    trainer = Trainer(cfg, tmp_path / "scaled", data, quiet=True)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_step()
+    assert trainer.scaler.get_scale() < 2.0**16  # the scaler saw the overflow
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # and skipped the update
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(TrainingDiverged, match="gradient norm became inf"):
+        Trainer(cfg, tmp_path / "plain", data, quiet=True).train_step()
+
+
 def test_resume_in_process_matches_uninterrupted(tmp_path, corpus):
     """Stop after a checkpoint (simulated by a smaller max_steps run), resume to the end."""
     full = train(text_cfg(corpus, "train.max_steps=8", "train.eval_every=4"), tmp_path / "full", quiet=True)

@@ -359,7 +359,9 @@ class Trainer:
                              stats[3]])
         D.all_reduce_sum(check, self.info)
         loss_sum, norm_sum, tokens = (float(x) for x in check.cpu())
-        if not math.isfinite(loss_sum) or not math.isfinite(norm_sum):
+        # With fp16's GradScaler, overflowing gradients are routine: the scaler skips that step and
+        # lowers its scale. Without one, a non-finite gradient norm means the run diverged.
+        if not math.isfinite(loss_sum) or (not math.isfinite(norm_sum) and self.scaler is None):
             what, value = ("loss", loss_sum) if not math.isfinite(loss_sum) else ("gradient norm", norm_sum)
             raise TrainingDiverged(
                 f"{what} became {value} at step {self.step + 1} (lr {lr:.3g}); the run stopped without saving "
