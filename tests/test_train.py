@@ -15,7 +15,9 @@ from chiarformer import ChiarConfig, ChiarForCausalLM
 from chiarformer.errors import UserError
 from chiarformer.train import checkpoint as C
 from chiarformer.train import load_run, resolve, save_model_into_run, train
-from chiarformer.train.datasets import BatchSampler, ClassificationSet, LMWindows, TaskData
+from chiarformer.data import ClassificationData
+from chiarformer.train.datasets import BatchSampler, LMWindows, TaskData
+from chiarformer.train.tasks import ClassificationView
 from chiarformer.train.loop import TrainingDiverged, lr_at, param_groups
 from chiarformer.train.runs import evaluate_run, read_metrics
 from corpus import write_corpus
@@ -30,6 +32,10 @@ def corpus(tmp_path, monkeypatch):
     train_file = write_corpus(tmp_path / "train.txt", 3000, 0)
     test_file = write_corpus(tmp_path / "test.txt", 600, 1)
     return [f"data.train_files=[{train_file}]", f"data.test_files=[{test_file}]", "data.val_fraction=0.1"]
+
+
+def classification_set(sequences, labels, pad_id=0):
+    return ClassificationView(ClassificationData.from_sequences(sequences, labels, pad_id))
 
 
 def text_cfg(corpus, *extra, layout="dct_attn"):
@@ -68,7 +74,7 @@ def test_batch_sampler_resumes_exactly():
 
 
 def test_classification_batches_pad_and_mask():
-    ds = ClassificationSet([[1, 2, 3], [4]], [0, 1], pad_id=9)
+    ds = classification_set([[1, 2, 3], [4]], [0, 1], pad_id=9)
     b = ds.batch([0, 1])
     assert b["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
     assert b["attention_mask"].tolist() == [[True] * 3, [True, False, False]]
@@ -299,8 +305,8 @@ def test_classification_run_and_save_model_into_run(tmp_path):
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, 20, rng.integers(4, 12)) for _ in range(64)]
     labels = [int(s[0] % 2) for s in seqs]
-    data = TaskData("cls", ClassificationSet(seqs[:48], labels[:48]), ClassificationSet(seqs[48:56], labels[48:56]),
-                    ClassificationSet(seqs[56:], labels[56:]), vocab_size=20, n_classes=2,
+    data = TaskData("cls", classification_set(seqs[:48], labels[:48]), classification_set(seqs[48:56], labels[48:56]),
+                    classification_set(seqs[56:], labels[56:]), vocab_size=20, n_classes=2,
                     protocol={"source": "synthetic"})
     cfg = resolve("listops", "tiny", "dct_attn", sets=TINY + ["model.routing=topk", "model.attn_fraction=0.25",
                                                                     "train.max_steps=6", "train.eval_every=3"])

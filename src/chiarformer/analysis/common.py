@@ -42,11 +42,10 @@ def read_run_config(run_dir: Path) -> dict:
     """config.yaml as a dict (task, preset, model, train, data)."""
     import yaml
 
+    from ..train.runs import check_run_dir
+
+    check_run_dir(Path(run_dir))
     path = Path(run_dir) / "config.yaml"
-    if not Path(run_dir).is_dir():
-        raise UserError(f"run folder {run_dir} not found")
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.yaml)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

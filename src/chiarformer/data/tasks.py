@@ -38,6 +38,7 @@ from .imdb import imdb_examples, imdb_source
 from .listops import LRA_SIZES, ListOpsTokenizer, generate_listops, generate_listops_flat, read_listops_tsv, write_listops_tsv
 from .text import carve_tail, corpus_tokens, documents_tokens, file_source, join_with_eot
 from .tokenizer import get_tokenizer
+from .wikitext import cache_name as wikitext_cache_name
 from .wikitext import wikitext_source
 
 DEFAULT_CONTEXT = 256  # published LM context
@@ -128,7 +129,7 @@ def _wikitext(version, *, data_dir, cache, seq_len, stride=None, variant="raw", 
     splits, sources = {}, {}
     for split, file_split in (("train", "train"), ("val", "valid"), ("test", "test")):
         source = wikitext_source(version, file_split, variant, data_dir, path)
-        splits[split] = corpus_tokens(source, tok, cache, f"wikitext{version}-{variant}-{file_split}-{tok.name}")
+        splits[split] = corpus_tokens(source, tok, cache, wikitext_cache_name(version, variant, file_split, tok))
         sources[split] = source.description
     return _lm_task(f"wikitext{version}", tok, seq_len, stride, splits, sources, {"dataset": f"WikiText-{version} ({variant})", "proxy": False})
 
@@ -137,8 +138,8 @@ def _wikitext2_proxy(*, data_dir, cache, seq_len, stride=None, val_fraction=0.1,
     tok = get_tokenizer(tokenizer)
     valid = wikitext_source("2", "valid", "raw", data_dir, path)
     test = wikitext_source("2", "test", "raw", data_dir, path)
-    train_tokens, val_tokens = carve_tail(corpus_tokens(valid, tok, cache, f"wikitext2-raw-valid-{tok.name}"), val_fraction, valid.description)
-    splits = {"train": train_tokens, "val": val_tokens, "test": corpus_tokens(test, tok, cache, f"wikitext2-raw-test-{tok.name}")}
+    train_tokens, val_tokens = carve_tail(corpus_tokens(valid, tok, cache, wikitext_cache_name("2", "raw", "valid", tok)), val_fraction, valid.description)
+    splits = {"train": train_tokens, "val": val_tokens, "test": corpus_tokens(test, tok, cache, wikitext_cache_name("2", "raw", "test", tok))}
     sources = {
         "train": f"{valid.description} (first {1 - val_fraction:.0%} of tokens)",
         "val": f"{valid.description} (last {val_fraction:.0%} of tokens)",

@@ -52,6 +52,11 @@ def _split_name(split: str) -> str:
     return split
 
 
+def cache_name(version: str, variant: str, split: str, tokenizer) -> str:
+    """The cache entry of one tokenised split: the same name wherever the split is read."""
+    return f"wikitext{version}-{variant}-{_split_name(split)}-{tokenizer.name}"
+
+
 def rows_to_text(rows: Iterable[str | None]) -> Iterator[str]:
     """Rebuild the WikiText file text from HF rows (blank lines are stored as "")."""
     for row in rows:
@@ -139,5 +144,4 @@ def wikitext_tokens(
 ) -> np.ndarray:
     """Cached uint16 ids of one WikiText split (the whole split text encoded at once)."""
     source = wikitext_source(version, split, variant, data_dir, path)
-    name = f"wikitext{version}-{variant}-{_split_name(split)}-{tokenizer.name}"
-    return corpus_tokens(source, tokenizer, cache or Cache(), name)
+    return corpus_tokens(source, tokenizer, cache or Cache(), cache_name(version, variant, split, tokenizer))

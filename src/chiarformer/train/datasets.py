@@ -6,8 +6,8 @@ task bundle (`TaskData`), and a resumable, shardable sampler.
   every window scores its seq_len - 1 next-token targets). With stride < seq_len each token is
   scored exactly once, by the first window whose scoring span contains it, with at least
   seq_len - stride tokens of context (the usual sliding-window evaluation).
-- `ClassificationSet`: variable-length token sequences and integer labels; batches are padded
-  to their own longest sequence (id `pad_id`, attention_mask False on padding).
+- Classification datasets are chiarformer.data.ClassificationData seen through
+  train.tasks.ClassificationView (batches padded to their longest sequence, with a mask).
 - `BatchSampler`: a seeded permutation per epoch; the position (epoch, offset) is all the state
   a resume needs. Each global batch is split across processes by rank.
 """
@@ -85,40 +85,6 @@ class LMWindows:
         return batch["input_ids"].numel()
 
 
-class ClassificationSet:
-    kind = "cls"
-
-    def __init__(self, sequences: list, labels, pad_id: int = 0, max_len: int | None = None):
-        self.sequences = [np.asarray(s, dtype=np.int64)[: max_len or None] for s in sequences]
-        self.labels = np.asarray(labels, dtype=np.int64)
-        if len(self.sequences) != len(self.labels):
-            raise ValueError("sequences and labels differ in length")
-        self.pad_id = int(pad_id)
-
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-    def lengths(self) -> np.ndarray:
-        return np.asarray([len(s) for s in self.sequences], dtype=np.int64)
-
-    def batch(self, indices) -> dict[str, torch.Tensor]:
-        seqs = [self.sequences[i] for i in indices]
-        width = max(1, max(len(s) for s in seqs))
-        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=bool)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = s
-            mask[row, : len(s)] = True
-        out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(self.labels[np.asarray(indices)])}
-        if not mask.all():
-            out["attention_mask"] = torch.from_numpy(mask)
-        return out
-
-    def n_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        mask = batch.get("attention_mask")
-        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-
-
 @dataclass
 class TaskData:
     """Everything the engine needs from a task."""
@@ -131,8 +97,6 @@ class TaskData:
     n_classes: int = 2
     protocol: dict = field(default_factory=dict)  # tokenizer, context, stride, splits, source, proxy label
     token_bytes: np.ndarray | None = None  # LM: UTF-8 bytes of each vocabulary entry (for bits per byte)
-    tokenizer: Any = None  # object with encode/decode, when the task has one
-    pad_id: int = 0
 
 
 class BatchSampler:

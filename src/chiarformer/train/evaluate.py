@@ -42,7 +42,7 @@ def evaluate(
     token_bytes: np.ndarray | None = None,
     lockstep: bool = False,
 ) -> dict:
-    """Metrics of `model` on `dataset` (an LMWindows or ClassificationSet).
+    """Metrics of `model` on `dataset` (an LMWindows or a ClassificationView).
 
     lockstep=True makes every process run the same number of forward passes (needed when the
     forward itself communicates, as with FSDP).

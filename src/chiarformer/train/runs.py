@@ -37,7 +37,7 @@ class LoadedRun:
     kind: str  # "lm" or "cls"
 
 
-def _check_run_dir(run_dir: Path) -> None:
+def check_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} not found")
     if not (run_dir / "config.yaml").is_file():
@@ -46,7 +46,7 @@ def _check_run_dir(run_dir: Path) -> None:
 
 def checkpoint_dir(run_dir: str | Path, which: str = "best") -> Path:
     run_dir = Path(run_dir)
-    _check_run_dir(run_dir)
+    check_run_dir(run_dir)
     if which not in ("best", "last"):
         raise UserError(f"checkpoint must be 'best' or 'last', got {which!r}")
     root = run_dir / "checkpoints"

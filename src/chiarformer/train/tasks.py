@@ -162,8 +162,6 @@ def load_task(cfg: RunConfig, quiet: bool = False) -> TaskData:
             vocab_size=task.vocab_size,
             protocol=protocol,
             token_bytes=task.tokenizer.token_byte_lengths(),
-            tokenizer=task.tokenizer,
-            pad_id=task.pad_id,
         )
     train = task.train
     if d.max_examples and d.max_examples < len(train):
@@ -177,8 +175,6 @@ def load_task(cfg: RunConfig, quiet: bool = False) -> TaskData:
         vocab_size=task.vocab_size,
         n_classes=int(task.n_classes),
         protocol=protocol,
-        tokenizer=task.tokenizer,
-        pad_id=task.pad_id,
     )
 
 
