@@ -249,7 +249,9 @@ class Trainer:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
     def load_last(self) -> None:
-        C.recover(self.ckpt_root)
+        if self.info.is_main:  # recover() renames inside the shared folder: one process does it
+            C.recover(self.ckpt_root)
+        D.barrier(self.info)
         last = self.ckpt_root / "last"
         if not (last / "state.json").is_file():
             raise UserError(f"{self.run_dir} has no complete checkpoint to resume from ({last} is missing)")
