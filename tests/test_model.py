@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from chiarformer import ChiarConfig, ChiarForCausalLM, ChiarForSequenceClassification
 from chiarformer.config import ATTN, DCT, RBF
 from chiarformer.errors import UserError
+from chiarformer.layers import rope
 
 LAYOUTS = ["baseline", "dct_attn", "three_op", "dct_only", "D,DA,DRA,A", "DA,RA,A"]
 CAUSAL_ROUTINGS = ["threshold", "soft", "hard"]
@@ -296,6 +297,22 @@ def test_threshold_routing_follows_tau():
     for r in out.routing:  # the entropy is reported for every layer, routed or not
         assert r.entropy.shape == ids.shape and r.entropy.dtype == torch.float32
     assert model.cfg.tau == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------- RoPE
+def test_rope_rotates_feature_pairs_and_its_gradient_is_the_inverse_rotation():
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64).transpose(1, 2)  # (B, H, N, dh) heads view, as in attention
+    pos = torch.tensor([0, 1, 7, 100, 1000])
+    angles = pos[:, None].float() * 10.0 ** (-torch.arange(4.0) / 4)  # float32 angles, as in the model
+    cos, sin = angles.cos().double(), angles.sin().double()
+    x1, x2 = x.chunk(2, dim=-1)
+    expected = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    torch.testing.assert_close(rope(x, pos, base=10.0), expected)
+    assert torch.autograd.gradcheck(lambda t: rope(t, pos, base=10.0), (x.detach().requires_grad_(),))
+    # scores depend on relative positions only: shifting both positions changes nothing
+    q, k = torch.randn(2, 1, 1, 1, 8, dtype=torch.float64)
+    score = lambda pq, pk: (rope(q, torch.tensor([pq]), 10.0) * rope(k, torch.tensor([pk]), 10.0)).sum()
+    torch.testing.assert_close(score(9, 4), score(109, 104))
 
 
 # ---------------------------------------------------------------- RBF

@@ -79,15 +79,41 @@ class FeedForward(nn.Module):
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary position embedding of x (B, H, N, dh) at integer positions pos (B, N) or (N,)."""
+    """Rotary position embedding of x (B, H, N, dh) at integer positions pos (B, N) or (N,):
+    feature pairs (i, i + dh/2) rotated by the angle pos * base^(-2i/dh)."""
     half = x.shape[-1] // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
     angles = pos.to(torch.float32)[..., None] * inv_freq  # (B, N, half) or (N, half)
     if angles.dim() == 3:
         angles = angles[:, None]  # broadcast over heads
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)  # not slices: their backward would zero-fill two buffers
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return _Rotate.apply(x, angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+
+
+class _Rotate(torch.autograd.Function):
+    """A rotation by (cos, sin); its gradient is the rotation back, by (cos, -sin).
+
+    Two multiplies and two multiply-adds into one output buffer, forward and backward: about
+    half the time of autograd through the element-wise formula and its concatenation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _Rotate.apply(grad, cos, -sin), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    x1, x2 = x.chunk(2, dim=-1)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+    torch.mul(x1, sin, out=out2).addcmul_(x2, cos)  # x1 sin + x2 cos
+    return out
 
 
 class TokenMixer(nn.Module):
