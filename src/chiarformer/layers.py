@@ -99,21 +99,17 @@ class _Rotate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
+        out = torch.empty_like(x)
+        x1, x2 = x.chunk(2, dim=-1)
+        out1, out2 = out.chunk(2, dim=-1)
+        torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+        torch.mul(x1, sin, out=out2).addcmul_(x2, cos)  # x1 sin + x2 cos
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
         return _Rotate.apply(grad, cos, -sin), None, None
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(x)
-    x1, x2 = x.chunk(2, dim=-1)
-    out1, out2 = out.chunk(2, dim=-1)
-    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
-    torch.mul(x1, sin, out=out2).addcmul_(x2, cos)  # x1 sin + x2 cos
-    return out
 
 
 class TokenMixer(nn.Module):
