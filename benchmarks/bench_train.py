@@ -8,6 +8,7 @@ threshold routing), and reports tokens per second after warm-up (median of repea
     python benchmarks/bench_train.py                   # CPU, all cores (this machine: 2)
     python benchmarks/bench_train.py --device cuda     # one GPU, bf16 autocast
     python benchmarks/bench_train.py --json out.json
+    python benchmarks/bench_train.py --execution dense # routed layers compute every operator on every token
 
 Timings on a shared machine vary: run it on an otherwise idle machine and read the spread.
 """
@@ -44,8 +45,9 @@ def cases(device: str) -> list[dict]:
             for p, v, b in sizes for layout in ("baseline", "dct_attn")]
 
 
-def measure(case: dict, device: str, seq_len: int, steps: int, repeats: int, threads: int, compile_: bool) -> dict:
-    sets = [f"data.seq_len={seq_len}", f"train.batch_size={case['batch']}", "train.warmup_steps=1",
+def measure(case: dict, device: str, seq_len: int, steps: int, repeats: int, threads: int, compile_: bool,
+            execution: str) -> dict:
+    sets = [f"data.seq_len={seq_len}", f"train.batch_size={case['batch']}", "train.warmup_steps=1", f"model.execution={execution}",
             f"train.device={device}", f"train.num_threads={threads}", "train.max_steps=1000000",
             f"train.compile={'true' if compile_ else 'false'}"]
     cfg = resolve("text", case["preset"], case["layout"], sets=sets)
@@ -85,18 +87,19 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--execution", default="sparse", choices=("sparse", "dense"), help="how routed layers execute")
     parser.add_argument("--only", default="", help="comma-separated presets to run (default: all)")
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args(argv)
     steps = args.steps or (5 if args.device == "cpu" else 20)
     rows = []
     selected = [c for c in cases(args.device) if not args.only or c["preset"] in args.only.split(",")]
-    print(f"training throughput, {args.device}, context {args.seq_len}, torch {torch.__version__}, "
+    print(f"training throughput, {args.device}, {args.execution} execution, context {args.seq_len}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPU core(s)" + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
     print("| preset | vocab | layout | batch | params | tokens/s (median) | range |")
     print("|---|---|---|---|---|---|---|")
     for case in selected:
-        r = measure(case, args.device, args.seq_len, steps, args.repeats, args.threads, args.compile)
+        r = measure(case, args.device, args.seq_len, steps, args.repeats, args.threads, args.compile, args.execution)
         rows.append(r)
         print(f"| {r['preset']} | {r['vocab']} | {r['layout']} | {r['batch']} | {r['params'] / 1e6:.2f}M | "
               f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f} |", flush=True)
