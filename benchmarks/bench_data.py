@@ -64,14 +64,16 @@ def main() -> int:
         big.write_text("".join("".join(s.pieces()) for s in sources) * args.repeat, encoding="utf-8")
         for threads in (1, cpus):
             tok.threads = threads
-            report(f"{args.repeat}x valid+test in one file, {threads} thread(s)", *tokenise_and_cache([file_source(big)], tok, tmp / f"c{threads}x"))
+            report(f"{args.repeat}x valid+test in one file, {threads} thread(s)",
+                   *tokenise_and_cache([file_source(big)], tok, tmp / f"c{threads}x"))
 
     rules = {"min_length": 500, "max_length": 2000, "max_depth": 10, "max_args": 10}
     for workers in sorted({1, cpus}):
         start = time.perf_counter()
         rows = generate_listops(args.listops, seed=0, workers=workers, **rules)
         seconds = time.perf_counter() - start
-        print(f"ListOps LRA lengths, {workers} worker(s): {len(rows)} examples in {seconds:.2f} s = {len(rows) / seconds:.0f} examples/s"
+        print(f"ListOps LRA lengths, {workers} worker(s): {len(rows)} examples in {seconds:.2f} s"
+              f" = {len(rows) / seconds:.0f} examples/s"
               f" (100k examples projected {100_000 / len(rows) * seconds / 60:.1f} min)")
     return 0
 

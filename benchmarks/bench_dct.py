@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+
 import torch
 
 from chiarformer.ops import dct, idct
@@ -49,7 +50,7 @@ def main() -> None:
     for d in (64, 256, 1024):
         x = torch.randn(args.tokens, d, device=args.device)
         assert torch.allclose(idct_fft(dct_fft(x)), x, atol=1e-4) and torch.allclose(dct_fft(x), dct(x), atol=1e-4)
-        med = race({"matrix": lambda: idct(dct(x)), "fft": lambda: idct_fft(dct_fft(x))}, args.repeats, args.device)
+        med = race({"matrix": lambda x=x: idct(dct(x)), "fft": lambda x=x: idct_fft(dct_fft(x))}, args.repeats, args.device)
         m, f = med["matrix"] * 1e3, med["fft"] * 1e3
         print(f"| {d} | {m:.2f} | {f:.2f} | {f / m:.2f}x |")
 

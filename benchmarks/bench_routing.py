@@ -108,20 +108,24 @@ def bench_sublayer(args) -> None:
     steps["routed, sparse: its attention part only"] = attention_part_step(layers["routed, sparse"], h, pos)
     med = race(steps, args.repeats, args.device)
     base = med["full causal attention"]
-    print(f"\n## Token-mixing sub-layer, forward+backward ({args.device}, DCT {args.dct_impl}, d={d}, heads={heads}, T={t}, batch={b}, attention share {f:.0%}, top-k routing)")
+    print(f"\n## Token-mixing sub-layer, forward+backward ({args.device}, DCT {args.dct_impl}, d={d}, heads={heads}, T={t}, "
+          f"batch={b}, attention share {f:.0%}, top-k routing)")
     print("| variant | median ms | time vs full attention | analytic MACs vs full: forward | forward+backward |")
     print("|---|---|---|---|---|")
     analytic = {
         "full causal attention": (1.0, 1.0),
         "routed, sparse": analytic_mixing_ratios(full_cfg, routed_cfg, t, f),
         "routed, dense": analytic_mixing_ratios(full_cfg, routed_cfg.replace(execution="dense"), t, f),
-        "routed, sparse: its attention part only": analytic_mixing_ratios(full_cfg, routed_cfg, t, f, ("qkv", "scores", "out_proj")),
+        "routed, sparse: its attention part only": analytic_mixing_ratios(
+            full_cfg, routed_cfg, t, f, ("qkv", "scores", "out_proj")
+        ),
     }
     for name, sec in med.items():
         forward, train = analytic[name]
         print(f"| {name} | {sec * 1e3:.1f} | {sec / base:.2f}x | {forward:.2f}x | {train:.2f}x |")
     sparse_vs_dense = analytic["routed, dense"][1] / analytic["routed, sparse"][1]
-    print(f"sparse is {med['routed, dense'] / med['routed, sparse']:.2f}x faster than dense execution (analytic, fwd+bwd: {sparse_vs_dense:.2f}x)")
+    print(f"sparse is {med['routed, dense'] / med['routed, sparse']:.2f}x faster than dense execution "
+          f"(analytic, fwd+bwd: {sparse_vs_dense:.2f}x)")
 
 
 def bench_whole_model(args) -> None:

@@ -28,8 +28,8 @@ import torch
 
 from chiarformer.train import resolve
 from chiarformer.train.datasets import LMWindows, TaskData
-from chiarformer.train.loop import Trainer, configure_runtime
 from chiarformer.train.dist import DistInfo
+from chiarformer.train.loop import Trainer, configure_runtime
 
 GPT2_VOCAB = 50257
 
@@ -47,8 +47,8 @@ def cases(device: str) -> list[dict]:
 
 def measure(case: dict, device: str, seq_len: int, steps: int, repeats: int, threads: int, compile_: bool,
             execution: str) -> dict:
-    sets = [f"data.seq_len={seq_len}", f"train.batch_size={case['batch']}", "train.warmup_steps=1", f"model.execution={execution}",
-            f"train.device={device}", f"train.num_threads={threads}", "train.max_steps=1000000",
+    sets = [f"data.seq_len={seq_len}", f"train.batch_size={case['batch']}", "train.warmup_steps=1",
+            f"model.execution={execution}", f"train.device={device}", f"train.num_threads={threads}", "train.max_steps=1000000",
             f"train.compile={'true' if compile_ else 'false'}"]
     cfg = resolve("text", case["preset"], case["layout"], sets=sets)
     cfg.model = cfg.model.replace(vocab_size=case["vocab"], max_seq_len=max(seq_len, cfg.model.max_seq_len))

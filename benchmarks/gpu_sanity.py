@@ -17,7 +17,8 @@ from chiarformer import ChiarConfig, ChiarForCausalLM
 
 
 def small(layout: str, routing: str, **kw) -> ChiarConfig:
-    return ChiarConfig.from_preset("tiny", vocab_size=97, d_model=64, layout=layout, routing=routing, tau=None, max_seq_len=256, **kw)
+    return ChiarConfig.from_preset("tiny", vocab_size=97, d_model=64, layout=layout, routing=routing, tau=None,
+                                   max_seq_len=256, **kw)
 
 
 def main() -> None:
@@ -40,9 +41,11 @@ def main() -> None:
             worst_dense = max(worst_dense, (a - b).abs().max().item())
             for m in (sparse, dense):
                 c = m(changed).logits
-                leak = max((m(ids).logits[:2, :101] - c[:2, :101]).abs().max().item(), (m(ids).logits[2:] - c[2:]).abs().max().item())
+                leak = max((m(ids).logits[:2, :101] - c[:2, :101]).abs().max().item(),
+                           (m(ids).logits[2:] - c[2:]).abs().max().item())
                 worst_causal = max(worst_causal, leak)
-    print(f"sparse vs dense, max |diff| over layouts x routings (fp32): {worst_dense:.2e}  {'OK' if worst_dense < 1e-5 else 'FAIL'}")
+    print(f"sparse vs dense, max |diff| over layouts x routings (fp32): {worst_dense:.2e}  "
+          f"{'OK' if worst_dense < 1e-5 else 'FAIL'}")
     print(f"causality, max change at positions <= t (fp32): {worst_causal:.2e}  {'OK' if worst_causal < 1e-5 else 'FAIL'}")
 
     torch.manual_seed(0)
@@ -63,7 +66,8 @@ def main() -> None:
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     fp32_entropy = all(r.entropy.dtype == torch.float32 for r in out.routing if r.entropy is not None)
     ok = grads_finite and fp32_entropy
-    print(f"paper-17m bf16 autocast step: loss {out.loss.item():.3f}, grads finite: {grads_finite}, entropy fp32: {fp32_entropy}  {'OK' if ok else 'FAIL'}")
+    print(f"paper-17m bf16 autocast step: loss {out.loss.item():.3f}, grads finite: {grads_finite}, "
+          f"entropy fp32: {fp32_entropy}  {'OK' if ok else 'FAIL'}")
 
     torch.manual_seed(0)
     cfg = small("D,DA,DRA,A", "hard")
@@ -73,7 +77,8 @@ def main() -> None:
     ids = torch.randint(0, 97, (4, 200), device=dev)
     for m in (sparse, dense):
         m(ids, labels=ids).loss.backward()
-    worst = max((a.grad - b.grad).abs().max().item() for a, b in zip(sparse.parameters(), dense.parameters()) if a.grad is not None)
+    worst = max((a.grad - b.grad).abs().max().item()
+                for a, b in zip(sparse.parameters(), dense.parameters(), strict=True) if a.grad is not None)
     print(f"sparse vs dense gradients, max |diff| (fp32): {worst:.2e}  {'OK' if worst < 1e-4 else 'FAIL'}")
 
 

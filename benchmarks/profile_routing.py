@@ -52,14 +52,15 @@ def main() -> None:
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")
     d, t, b = 256, 1024, 4
-    variants = dict(zip(("full", "routed"), sublayer_configs(d, 4, t, 0.25)))
+    variants = dict(zip(("full", "routed"), sublayer_configs(d, 4, t, 0.25), strict=True))
     h = torch.randn(b, t, d, device=args.device, requires_grad=True)
     pos = torch.arange(t, device=args.device)
     times, wall = {}, {}
     for name, cfg in variants.items():
         layer = ChiarForCausalLM(cfg).model.layers[0].to(args.device)
         times[name], wall[name] = self_times(mixing_step(layer, h, pos), args.steps, cuda)
-    keys = sorted(set(times["full"]) | set(times["routed"]), key=lambda k: -max(times["full"].get(k, 0), times["routed"].get(k, 0)))
+    keys = sorted(set(times["full"]) | set(times["routed"]),
+                  key=lambda k: -max(times["full"].get(k, 0), times["routed"].get(k, 0)))
     kind = "GPU kernel" if cuda else "CPU"
     print(f"self {kind} ms per forward+backward step ({args.device}, d={d}, T={t}, batch={b}, 25% to attention, top-k)")
     print("| operator | full attention | routed, sparse |")

@@ -20,7 +20,8 @@ HAS_GPT2 = (SHARED / "gpt2_tokenizer" / "encoder.json").is_file()
 
 def reviews(split, n=20):
     # Deterministic reviews of varied length; label = i % 2 (1 = positive).
-    return [(f"{'Great' if i % 2 else 'Awful'} film number {i} of {split}. " + "Plot <br /><br />and more. " * (i % 7), i % 2) for i in range(n)]
+    return [(f"{'Great' if i % 2 else 'Awful'} film number {i} of {split}. " + "Plot <br /><br />and more. " * (i % 7), i % 2)
+            for i in range(n)]
 
 
 def write_acl(root: Path):

@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from chiarformer.data import ListOpsTokenizer, generate_listops, generate_listops_flat, load_task, read_listops_tsv, write_listops_tsv
+from chiarformer.data import (
+    ListOpsTokenizer,
+    generate_listops,
+    generate_listops_flat,
+    load_task,
+    read_listops_tsv,
+    write_listops_tsv,
+)
 from chiarformer.data.listops import apply_operator
 from chiarformer.errors import UserError
 
@@ -138,7 +145,8 @@ def test_flat_variant_disjoint_and_correct():
         op, *digits, end = source.split()
         digits = [int(d) for d in digits]
         assert end == "]" and 4 <= len(digits) <= 8 and len(source.split()) <= 12
-        expected = {"[MAX": max(digits), "[MIN": min(digits), "[MEAN": int(np.mean(digits)) % 10, "[MED": int(np.median(digits)) % 10}[op]
+        expected = {"[MAX": max(digits), "[MIN": min(digits),
+                    "[MEAN": int(np.mean(digits)) % 10, "[MED": int(np.median(digits)) % 10}[op]
         assert target == expected
     task = load_task("listops-flat", n_train=500, n_val=50, n_test=50)
     decode = task.tokenizer.decode

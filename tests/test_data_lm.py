@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from chiarformer.data import ByteTokenizer, LMScore, gpt2_tokenizer, bits_per_byte, eval_batches, eval_windows, scored_tokens, train_windows
+from chiarformer.data import (
+    ByteTokenizer,
+    LMScore,
+    bits_per_byte,
+    eval_batches,
+    eval_windows,
+    gpt2_tokenizer,
+    scored_tokens,
+    train_windows,
+)
 from chiarformer.errors import UserError
 
 GPT2_DIR = Path(os.environ.get("CHIAR_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data") / "gpt2_tokenizer"
@@ -30,14 +39,15 @@ def test_stride_equal_context_is_the_published_protocol():
     assert len(scored_tokens(np.arange(1000), 256, 256)) == 3 * 255
 
 
-@pytest.mark.parametrize(("n", "context", "stride"), [(1000, 256, 128), (1000, 256, 1), (300, 256, 100), (100, 256, 64), (257, 256, 255)])
+@pytest.mark.parametrize(("n", "context", "stride"),
+                         [(1000, 256, 128), (1000, 256, 1), (300, 256, 100), (100, 256, 64), (257, 256, 255)])
 def test_sliding_windows_score_every_token_once(n, context, stride):
     tokens = np.arange(n, dtype=np.int64)
     seen = []
     for b in eval_batches(tokens, context, stride, batch_size=7):
         ids, labels = b["input_ids"], b["labels"]
         assert ids.shape == labels.shape and ids.shape[1] == min(n, context)  # no padding needed
-        for row_ids, row_labels in zip(ids, labels):
+        for row_ids, row_labels in zip(ids, labels, strict=True):
             scored = row_labels != -100
             assert not scored[0]  # position 0 has nothing to predict it
             assert torch.equal(row_labels[scored], row_ids[scored])

@@ -15,7 +15,8 @@ def isolated(tmp_path, monkeypatch):
 
 
 def test_registry_lists_every_task_and_its_options():
-    assert set(TASKS) == {"wikitext2", "wikitext103", "wikitext2-proxy", "imdb-lm-proxy", "text", "imdb", "lra-text", "listops", "listops-flat"}
+    assert set(TASKS) == {"wikitext2", "wikitext103", "wikitext2-proxy", "imdb-lm-proxy", "text", "imdb", "lra-text", "listops",
+                          "listops-flat"}
     for name in TASKS:
         assert isinstance(task_options(name), dict)
     assert task_options("listops")["max_depth"] == 10 and task_options("imdb")["val_fraction"] == 0.1
@@ -38,7 +39,8 @@ def test_text_task_one_file_is_split_train_val_test(tmp_path):
 def test_text_task_separate_files(tmp_path):
     for name in ("a.txt", "b.txt", "val.txt", "test.txt"):
         (tmp_path / name).write_text(TEXT[:3000])
-    task = load_task("text", train=[tmp_path / "a.txt", tmp_path / "b.txt"], val=tmp_path / "val.txt", test=str(tmp_path / "test.txt"), tokenizer="bytes", seq_len=64)
+    task = load_task("text", train=[tmp_path / "a.txt", tmp_path / "b.txt"], val=tmp_path / "val.txt",
+                     test=str(tmp_path / "test.txt"), tokenizer="bytes", seq_len=64)
     assert len(task.train) == 6001 and task.train[3000] == task.tokenizer.eot_id  # files joined by end-of-text
     assert len(task.val) == 3000 and len(task.test) == 3000
 

@@ -85,7 +85,8 @@ def test_whole_file_token_counts(tok, split, count):
 def test_chunk_cuts_never_change_ids(tok):
     # Adversarial mixes of whitespace kinds, contractions, digits, symbols and non-ASCII.
     rng = random.Random(0)
-    alphabet = [" ", "  ", "\n", "\n\n", " \n", "\t", "\u00a0", "\x1c", "'s", "'", "ab", "Z", "7", "42", "!", "?!", "é", "日本", "\r\n"]
+    alphabet = [" ", "  ", "\n", "\n\n", " \n", "\t", "\u00a0", "\x1c", "'s", "'", "ab", "Z", "7", "42", "!", "?!", "é", "日本",
+                "\r\n"]
     for _ in range(30):
         text = "".join(rng.choice(alphabet) for _ in range(400))
         assert tok.encode_corpus([text[:150], text[150:]], chunk_chars=rng.randint(5, 60)).tolist() == tok.encode_batch([text])[0]

@@ -24,7 +24,8 @@ needs_shared = pytest.mark.skipif(
 )
 
 LINES = {
-    "train": [" \n", " = Alpha = \n", " \n", " The alpha article 's text , with 1 @,@ 000 words . \n", " \n", " = = Part = = \n", " More text here . \n"] * 30,
+    "train": [" \n", " = Alpha = \n", " \n", " The alpha article 's text , with 1 @,@ 000 words . \n", " \n", " = = Part = = \n",
+              " More text here . \n"] * 30,
     "valid": [" \n", " = Beta = \n", " \n", " Beta text for validation . \n"] * 10,
     "test": [" \n", " = Gamma = \n", " \n", " Gamma text for the test . \n"] * 10,
 }

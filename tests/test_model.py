@@ -65,7 +65,7 @@ def test_sparse_and_dense_execution_agree(seed):
     with torch.no_grad():
         a, b = model(ids, return_routing=True), dense(ids, return_routing=True)
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
-    for ra, rb in zip(a.routing, b.routing):
+    for ra, rb in zip(a.routing, b.routing, strict=True):
         assert torch.equal(ra.ops, rb.ops)
 
 
@@ -84,7 +84,7 @@ def test_sparse_and_dense_execution_give_the_same_gradients(seed):
         m(ids, labels=ids).loss.backward()
     routed_ops = model(ids, return_routing=True).routing[1].ops
     assert (routed_ops == ATTN).any() and (routed_ops != ATTN).any()
-    for (name, a), b in zip(model.named_parameters(), dense.parameters()):
+    for (name, a), b in zip(model.named_parameters(), dense.parameters(), strict=True):
         if a.grad is None:
             assert b.grad is None or not b.grad.any(), name
             continue
@@ -311,7 +311,10 @@ def test_rope_rotates_feature_pairs_and_its_gradient_is_the_inverse_rotation():
     assert torch.autograd.gradcheck(lambda t: rope(t, pos, base=10.0), (x.detach().requires_grad_(),))
     # scores depend on relative positions only: shifting both positions changes nothing
     q, k = torch.randn(2, 1, 1, 1, 8, dtype=torch.float64)
-    score = lambda pq, pk: (rope(q, torch.tensor([pq]), 10.0) * rope(k, torch.tensor([pk]), 10.0)).sum()
+
+    def score(pq, pk):
+        return (rope(q, torch.tensor([pq]), 10.0) * rope(k, torch.tensor([pk]), 10.0)).sum()
+
     torch.testing.assert_close(score(9, 4), score(109, 104))
 
 

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from chiarformer import ChiarConfig, ChiarForCausalLM
+from chiarformer.data import ClassificationData
 from chiarformer.errors import UserError
 from chiarformer.train import checkpoint as C
 from chiarformer.train import load_run, resolve, save_model_into_run, train
-from chiarformer.data import ClassificationData
 from chiarformer.train.datasets import BatchSampler, LMWindows, TaskData
-from chiarformer.train.tasks import ClassificationView
 from chiarformer.train.loop import TrainingDiverged, lr_at, param_groups
 from chiarformer.train.runs import evaluate_run, read_metrics
+from chiarformer.train.tasks import ClassificationView
+
 from corpus import write_corpus
 
 TINY = ["model.d_model=32", "model.n_layers=3", "model.n_heads=2", "data.seq_len=32", "train.batch_size=8",
@@ -84,7 +85,7 @@ def test_classification_batches_pad_and_mask():
 def test_warmup_then_cosine():
     lrs = [lr_at(s, 1e-3, 1e-5, 10, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
     assert lr_at(100, 1e-3, 1e-5, 10, 100) == pytest.approx(1e-5)
 
 
@@ -146,7 +147,7 @@ def test_tied_weights_and_optimizer_state_round_trip(tmp_path):
     assert meta["model_config"] == model.cfg.to_dict()
     other = ChiarForCausalLM(ChiarConfig.from_preset("tiny", d_model=32, n_layers=3, vocab_size=50))
     C.load_into_model(other, state, tmp_path)
-    for (n, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+    for (n, a), b in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
     opt2 = torch.optim.AdamW(param_groups(other, 0.01), lr=1e-3)
     opt2.load_state_dict(C.unflatten_optimizer(C.load_tensors(tmp_path / "o.safetensors"),
@@ -272,7 +273,7 @@ def test_fp16_gradient_overflow_is_skipped_by_the_scaler_not_a_divergence(tmp_pa
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train_step()
     assert trainer.scaler.get_scale() < 2.0**16  # the scaler saw the overflow
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # and skipped the update
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))  # and skipped the update
     (tmp_path / "plain").mkdir()
     with pytest.raises(TrainingDiverged, match="gradient norm became inf"):
         Trainer(cfg, tmp_path / "plain", data, quiet=True).train_step()
@@ -320,5 +321,5 @@ def test_classification_run_and_save_model_into_run(tmp_path):
     save_model_into_run(run, loaded.model, "best")
     again = load_run(run, "best")
     assert again.model.cfg.tau == [0.5] and again.config["model"]["tau"] == [0.5]
-    for a, b in zip(loaded.model.state_dict().values(), again.model.state_dict().values()):
+    for a, b in zip(loaded.model.state_dict().values(), again.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)

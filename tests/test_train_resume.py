@@ -18,10 +18,12 @@ import torch
 
 from chiarformer.train import resolve, train
 from chiarformer.train.runs import read_metrics
+
 from corpus import write_corpus
 
 TINY = ["model.d_model=32", "model.n_layers=3", "model.n_heads=2", "data.seq_len=32", "train.batch_size=8",
-        "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=2", "data.tokenizer=bytes", "train.num_threads=1", "train.device=cpu"]
+        "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=2", "data.tokenizer=bytes", "train.num_threads=1",
+        "train.device=cpu"]
 
 
 @pytest.fixture()
@@ -114,7 +116,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, setup, mode):
     assert results["world_size"] == 2
     one, two = train_lines(tmp_path / "one"), train_lines(run)
     assert [r[0] for r in one] == [r[0] for r in two] and [r[2] for r in one] == [r[2] for r in two]
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert b[1] == pytest.approx(a[1], rel=1e-4, abs=1e-5), (a, b)
     assert results["test"]["loss"] == pytest.approx(single["test"]["loss"], rel=1e-4)
     assert results["best"]["step"] == single["best"]["step"]

@@ -79,9 +79,8 @@ def cmd_train(args) -> int:
 
 
 def _print_results(results: dict, out: Path) -> None:
-    from .train.runs import format_metrics
-
     from .train.dist import from_env
+    from .train.runs import format_metrics
 
     if not from_env().is_main:
         return
@@ -154,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("quickstart", help="train baseline and CHIAR-Former on generated ListOps (CPU, no downloads, < 5 min)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default 1000: about 2 min each on 2 cores)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per model (default 1000: about 2 min each on 2 cores)")
     p.add_argument("--examples", type=int, default=None, help="generated training expressions (default 16000)")
     p.add_argument("--lengths", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="ListOps lengths, exclusive bounds (default 30 150; LRA: 500 2000)")

@@ -90,13 +90,13 @@ class ChiarConfig:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "ChiarConfig":
+    def from_preset(cls, name: str, **overrides) -> ChiarConfig:
         if name not in PRESETS:
             raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ChiarConfig":
+    def from_dict(cls, values: dict) -> ChiarConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -106,7 +106,7 @@ class ChiarConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes) -> "ChiarConfig":
+    def replace(self, **changes) -> ChiarConfig:
         return self.from_dict({**self.to_dict(), **changes})
 
     # ---------------------------------------------------------------- derived views

@@ -477,7 +477,8 @@ def format_comparison(cmp: Comparison, preset: str | None = None, per_layer: boo
         f"{_fmt(base.forward_per_token - chiar.forward_per_token):>12}",
         "",
         f"per sequence (x T={t}): forward baseline {_fmt(base.forward_per_sequence)}, CHIAR {_fmt(chiar.forward_per_sequence)}; "
-        f"training step (~{TRAIN_FACTOR}x forward, entropy 1x): baseline {_fmt(base.train_per_token * t)}, CHIAR {_fmt(chiar.train_per_token * t)}",
+        f"training step (~{TRAIN_FACTOR}x forward, entropy 1x): baseline {_fmt(base.train_per_token * t)}, "
+        f"CHIAR {_fmt(chiar.train_per_token * t)}",
         "",
         f"attention sub-layer reduction (ours): {100 * cmp.attention_reduction:6.2f}%   "
         "= 1 - token-mixing MACs CHIAR / baseline (Q/K/V, scores, out-proj, DCT, RBF, router)",

@@ -25,7 +25,7 @@ class _Prefixes(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         total = None
-        for n, grad in sorted(zip(ctx.lengths, grads), key=lambda pair: -pair[0]):
+        for n, grad in sorted(zip(ctx.lengths, grads, strict=True), key=lambda pair: -pair[0]):
             if grad is None:
                 continue
             if total is None:  # the longest prefix first: one zero fill past its end only
@@ -58,14 +58,14 @@ class _MergeRows(torch.autograd.Function):
         # Pieces may differ in dtype under autocast (an empty piece keeps its input's dtype).
         dtype = functools.reduce(torch.promote_types, (v.dtype for v in values))
         out = values[0].new_empty(n_rows, *values[0].shape[1:], dtype=dtype)
-        for r, v in zip(rows, values):
+        for r, v in zip(rows, values, strict=True):
             out.index_copy_(0, r, v.to(dtype))
         ctx.rows, ctx.dtypes = rows, [v.dtype for v in values]
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return (None, None, *(grad.index_select(0, r).to(dtype) for r, dtype in zip(ctx.rows, ctx.dtypes)))
+        return (None, None, *(grad.index_select(0, r).to(dtype) for r, dtype in zip(ctx.rows, ctx.dtypes, strict=True)))
 
 
 def merge_rows(n_rows: int, rows: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:

@@ -171,7 +171,8 @@ class TokenMixer(nn.Module):
         last_keys = torch.stack([p.amax() for p in pos_blocks]).tolist()
         key_lengths = [round_up(last + 1, n_k) for last in last_keys]
         outputs = []
-        for q_b, pos_b, n_keys, k_b, v_b in zip(q_blocks, pos_blocks, key_lengths, prefixes(k, key_lengths), prefixes(v, key_lengths)):
+        for q_b, pos_b, n_keys, k_b, v_b in zip(q_blocks, pos_blocks, key_lengths, prefixes(k, key_lengths),
+                                                prefixes(v, key_lengths), strict=True):
             mask = key_pos[:n_keys] <= pos_b[..., None]  # (B, n, n_keys)
             if key_mask is not None:
                 mask = mask & key_mask[:, None, :n_keys]

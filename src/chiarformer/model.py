@@ -33,7 +33,7 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def empty(cls, n_layers: int) -> "KVCache":
+    def empty(cls, n_layers: int) -> KVCache:
         return cls(keys=[None] * n_layers, values=[None] * n_layers)
 
 
@@ -215,7 +215,10 @@ class ChiarModel(nn.Module):
         seen = cache.key_mask if cache is not None else None
         if attention_mask is None and seen is None:
             return None
-        mask = torch.ones(b, t, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.to(device, torch.bool)
+        if attention_mask is None:
+            mask = torch.ones(b, t, dtype=torch.bool, device=device)
+        else:
+            mask = attention_mask.to(device, torch.bool)
         if cache is not None:
             if seen is None:
                 seen = torch.ones(b, cache.length, dtype=torch.bool, device=device)
@@ -276,7 +279,8 @@ class ChiarForCausalLM(ChiarPreTrained):
             raise UserError("bidirectional=True is for classification; a language model must be causal")
         leaks = cfg.noncausal_options()
         if leaks and not cfg.allow_noncausal:
-            raise UserError(f"non-causal option(s) for a causal LM: {'; '.join(leaks)}; set allow_noncausal=True to replicate the paper anyway")
+            raise UserError(f"non-causal option(s) for a causal LM: {'; '.join(leaks)}; "
+                            "set allow_noncausal=True to replicate the paper anyway")
         super().__init__(cfg)
         self.init_weights()
 
@@ -317,7 +321,8 @@ class ChiarForSequenceClassification(ChiarPreTrained):
 
     def __init__(self, cfg: ChiarConfig):
         if cfg.meta_router == "batch_mean" and not cfg.allow_noncausal:
-            raise UserError("meta_router='batch_mean' lets sequences in a batch see each other; set allow_noncausal=True to replicate the paper")
+            raise UserError("meta_router='batch_mean' lets sequences in a batch see each other; "
+                            "set allow_noncausal=True to replicate the paper")
         super().__init__(cfg)
         self.head = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.n_classes))
         self.init_weights()

@@ -7,9 +7,9 @@ Run folders are the engine's (chiarformer.train.runs); this module only reads th
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch

@@ -115,7 +115,7 @@ def render_ansi(view: RouteView, color: bool = True, all_layers: bool = False) -
     ]
     width = max(len(_layer_title(view, i)) for i in shown)
     for i in shown:
-        text = "".join(paint(tok, int(op)) for tok, op in zip(view.tokens, view.ops[i]))
+        text = "".join(paint(tok, int(op)) for tok, op in zip(view.tokens, view.ops[i], strict=True))
         share = _share_text(view, i)
         lines.append(f"{_layer_title(view, i):<{width}}  [{share}]")
         lines.append(f"  {text}")

@@ -30,7 +30,8 @@ import numpy as np
 from ..errors import UserError
 from .cache import Cache
 from .classification import ClassificationData
-from .files import checksum, data_dir as resolve_data_dir
+from .files import checksum
+from .files import data_dir as resolve_data_dir
 from .hub import SourceUnavailable, load_hf_dataset
 
 SPLITS = ("train", "test")
@@ -121,7 +122,8 @@ def _parquet_source(files: list[Path]) -> ReviewSource:
 
 def _hf_source(split: str) -> ReviewSource:
     ds = load_hf_dataset(HF_REPO, None, split)
-    return ReviewSource(f"{HF_REPO} {split}", f"hf-{ds._fingerprint}", lambda: (list(ds["text"]), np.asarray(ds["label"], np.int64)))
+    return ReviewSource(f"{HF_REPO} {split}", f"hf-{ds._fingerprint}",
+                        lambda: (list(ds["text"]), np.asarray(ds["label"], np.int64)))
 
 
 def imdb_source(split: str, data_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None) -> ReviewSource:

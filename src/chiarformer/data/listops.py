@@ -50,7 +50,8 @@ DIGITS = tuple(map(str, range(10)))
 CHUNK = 256  # trees per chunk; fixed, so results do not depend on the worker count
 MAX_TRIES = 1_000_000  # per chunk; beyond it the length window is practically unreachable
 TOKEN_STYLES = ("lra", "brackets")
-LRA_SIZES = {"n_train": 96_000, "n_val": 2_000, "n_test": 2_000, "min_length": 500, "max_length": 2000, "max_depth": 10, "max_args": 10}
+LRA_SIZES = {"n_train": 96_000, "n_val": 2_000, "n_test": 2_000,
+             "min_length": 500, "max_length": 2000, "max_depth": 10, "max_args": 10}
 
 
 class _TooLong(Exception):

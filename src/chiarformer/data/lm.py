@@ -101,7 +101,8 @@ class LMScore:
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits = logits[:, :-1].float()
         targets = labels[:, 1:].to(logits.device)
-        self.nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum").item()
+        self.nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
+                                    reduction="sum").item()
         scored = targets[targets != IGNORE].cpu()
         self.tokens += scored.numel()
         self.bytes += int(self._bytes_per_id[scored].sum())

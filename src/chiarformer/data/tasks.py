@@ -43,7 +43,8 @@ from .wikitext import wikitext_source
 
 DEFAULT_CONTEXT = 256  # published LM context
 # CPU-sized LRA ListOps for quick runs: load_task("listops", **LISTOPS_CPU).
-LISTOPS_CPU = {"n_train": 20_000, "n_val": 1_000, "n_test": 1_000, "min_length": 50, "max_length": 250, "max_depth": 6, "max_args": 10}
+LISTOPS_CPU = {"n_train": 20_000, "n_val": 1_000, "n_test": 1_000,
+               "min_length": 50, "max_length": 250, "max_depth": 6, "max_args": 10}
 
 TASKS = {
     "wikitext2": "LM on WikiText-2 train/valid/test (needs wiki.train.*, not on the shared machines)",
@@ -85,7 +86,8 @@ def load_task(name: str, *, data_dir=None, cache_dir=None, seq_len: int | None =
         raise UserError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
     unknown = sorted(set(options) - set(task_options(name)))
     if unknown:
-        raise UserError(f"task {name!r} has no option(s) {', '.join(unknown)}; it takes: {', '.join(task_options(name)) or 'none'}")
+        raise UserError(f"task {name!r} has no option(s) {', '.join(unknown)}; "
+                        f"it takes: {', '.join(task_options(name)) or 'none'}")
     if seq_len is not None and seq_len < 2:
         raise UserError(f"seq_len must be at least 2, got {seq_len}")
     return _LOADERS[name](data_dir=data_dir, cache=Cache(cache_dir), seq_len=seq_len, **options)
@@ -131,15 +133,18 @@ def _wikitext(version, *, data_dir, cache, seq_len, stride=None, variant="raw", 
         source = wikitext_source(version, file_split, variant, data_dir, path)
         splits[split] = corpus_tokens(source, tok, cache, wikitext_cache_name(version, variant, file_split, tok))
         sources[split] = source.description
-    return _lm_task(f"wikitext{version}", tok, seq_len, stride, splits, sources, {"dataset": f"WikiText-{version} ({variant})", "proxy": False})
+    protocol = {"dataset": f"WikiText-{version} ({variant})", "proxy": False}
+    return _lm_task(f"wikitext{version}", tok, seq_len, stride, splits, sources, protocol)
 
 
 def _wikitext2_proxy(*, data_dir, cache, seq_len, stride=None, val_fraction=0.1, tokenizer="gpt2", path=None) -> Task:
     tok = get_tokenizer(tokenizer)
     valid = wikitext_source("2", "valid", "raw", data_dir, path)
     test = wikitext_source("2", "test", "raw", data_dir, path)
-    train_tokens, val_tokens = carve_tail(corpus_tokens(valid, tok, cache, wikitext_cache_name("2", "raw", "valid", tok)), val_fraction, valid.description)
-    splits = {"train": train_tokens, "val": val_tokens, "test": corpus_tokens(test, tok, cache, wikitext_cache_name("2", "raw", "test", tok))}
+    valid_tokens = corpus_tokens(valid, tok, cache, wikitext_cache_name("2", "raw", "valid", tok))
+    train_tokens, val_tokens = carve_tail(valid_tokens, val_fraction, valid.description)
+    test_tokens = corpus_tokens(test, tok, cache, wikitext_cache_name("2", "raw", "test", tok))
+    splits = {"train": train_tokens, "val": val_tokens, "test": test_tokens}
     sources = {
         "train": f"{valid.description} (first {1 - val_fraction:.0%} of tokens)",
         "val": f"{valid.description} (last {val_fraction:.0%} of tokens)",
@@ -158,7 +163,8 @@ def _imdb_lm_proxy(*, data_dir, cache, seq_len, stride=None, val_fraction=0.1, s
         kept, held = stratified_split(labels, val_fraction, seed)
         return {"train": documents_tokens([texts[i] for i in kept], tok), "val": documents_tokens([texts[i] for i in held], tok)}
 
-    key = {"what": "imdb-lm", "source": train_src.checksum, "tokenizer": tok.fingerprint, "val_fraction": val_fraction, "seed": seed}
+    key = {"what": "imdb-lm", "source": train_src.checksum, "tokenizer": tok.fingerprint, "val_fraction": val_fraction,
+           "seed": seed}
     train = cache.arrays(f"imdb-lm-train-{tok.name}", key, build_train)
     key = {"what": "imdb-lm", "source": test_src.checksum, "tokenizer": tok.fingerprint}
     test = cache.arrays(f"imdb-lm-test-{tok.name}", key, lambda: {"test": documents_tokens(test_src.read()[0], tok)})
@@ -172,7 +178,8 @@ def _imdb_lm_proxy(*, data_dir, cache, seq_len, stride=None, val_fraction=0.1, s
     return _lm_task("imdb-lm-proxy", tok, seq_len, stride, splits, sources, protocol)
 
 
-def _text(*, data_dir, cache, seq_len, stride=None, train=None, val=None, test=None, val_fraction=0.1, test_fraction=0.1, tokenizer="gpt2") -> Task:
+def _text(*, data_dir, cache, seq_len, stride=None, train=None, val=None, test=None, val_fraction=0.1, test_fraction=0.1,
+          tokenizer="gpt2") -> Task:
     if train is None:
         raise UserError("the text task needs train=<file or list of files> (UTF-8 text)")
     tok = get_tokenizer(tokenizer)
@@ -211,7 +218,8 @@ def _check_sizes(**sizes: int) -> None:
 
 
 def _classification_task(name, tokenizer, seq_len, train, val, test, n_classes, protocol) -> Task:
-    return Task(name, "classification", train, val, test, tokenizer, seq_len, {"task": name, "kind": "classification", **protocol}, n_classes)
+    return Task(name, "classification", train, val, test, tokenizer, seq_len,
+                {"task": name, "kind": "classification", **protocol}, n_classes)
 
 
 def _imdb_task(name, default_len, *, data_dir, cache, seq_len, val_fraction, seed, tokenizer, path) -> Task:
@@ -300,11 +308,13 @@ def _listops(
     files = {s: folder / f"basic_{s}.tsv" for s in SPLITS}
     source["splits"] = {s: str(f) for s, f in files.items()}
     examples = _listops_examples(lambda: {s: read_listops_tsv(f) for s, f in files.items()}, tok, seq_len, cache, key)
-    protocol = {**source, "tokenizer": tok.name, "seq_len": seq_len, "truncation": f"first {seq_len} tokens", "selection": "validation only; test evaluated once"}
+    protocol = {**source, "tokenizer": tok.name, "seq_len": seq_len, "truncation": f"first {seq_len} tokens",
+                "selection": "validation only; test evaluated once"}
     return _classification_task("listops", tok, seq_len, examples["train"], examples["val"], examples["test"], 10, protocol)
 
 
-def _listops_flat(*, data_dir, cache, seq_len, n_train=10_000, n_val=1_000, n_test=1_000, min_args=4, max_args=8, seed=0, style="lra") -> Task:
+def _listops_flat(*, data_dir, cache, seq_len, n_train=10_000, n_val=1_000, n_test=1_000, min_args=4, max_args=8, seed=0,
+                  style="lra") -> Task:
     tok = ListOpsTokenizer(style)
     _check_sizes(n_train=n_train, n_val=n_val, n_test=n_test)
     rows = generate_listops_flat(n_train + n_val + n_test, seed=seed, min_args=min_args, max_args=max_args)
@@ -312,7 +322,8 @@ def _listops_flat(*, data_dir, cache, seq_len, n_train=10_000, n_val=1_000, n_te
     seq_len = seq_len or max_args + 2
     protocol = {
         "dataset": "flat ListOps toy (paper's variant), splits disjoint",
-        "generation": {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test, "min_args": min_args, "max_args": max_args},
+        "generation": {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
+                       "min_args": min_args, "max_args": max_args},
         "tokenizer": tok.name,
         "seq_len": seq_len,
         "selection": "validation only; test evaluated once",

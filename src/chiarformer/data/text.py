@@ -31,7 +31,8 @@ class TextSource:
 def file_source(path: str | os.PathLike) -> TextSource:
     """A UTF-8 text file as a TextSource (errors for missing, empty or non-UTF-8 files)."""
     if str(path).startswith("hf://"):
-        raise UserError(f"{path} is a Hugging Face hub path; text corpora are read from local files: download them and pass their paths")
+        raise UserError(f"{path} is a Hugging Face hub path; text corpora are read from local files: "
+                        "download them and pass their paths")
     p = require_file(path, "text file")
     return TextSource(str(p), lambda: checksum([p]), lambda: read_text_pieces(p))
 

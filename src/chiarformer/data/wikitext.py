@@ -26,7 +26,8 @@ import numpy as np
 
 from ..errors import UserError
 from .cache import Cache
-from .files import checksum, data_dir as resolve_data_dir
+from .files import checksum
+from .files import data_dir as resolve_data_dir
 from .hub import SourceUnavailable, load_hf_dataset
 from .text import TextSource, corpus_tokens, file_source
 

@@ -60,7 +60,8 @@ class TrainConfig:
     eval_batches: int = 0  # cap on validation batches per periodic pass; 0 = whole split (final passes: always whole)
     eval_batch_size: int = 0  # sequences per evaluation forward pass; 0 = the training micro-batch size
     ckpt_every: int = 0  # optimizer steps between `last` checkpoints; 0 = at every validation pass
-    select_metric: str = "auto"  # checkpoint selection on validation: auto (loss for LM, accuracy for classification) | loss | accuracy
+    # checkpoint selection on validation: auto (loss for LM, accuracy for classification) | loss | accuracy
+    select_metric: str = "auto"
     progress: bool = True  # show a progress bar on a terminal
 
 
@@ -112,7 +113,7 @@ class RunConfig:
         }
 
     @classmethod
-    def from_dict(cls, values: dict) -> "RunConfig":
+    def from_dict(cls, values: dict) -> RunConfig:
         """Build from a full or partial dict (as in config.yaml); unknown keys and wrong types raise UserError."""
         cfg = cls()
         apply_mapping(cfg, values, strict_model=True)
@@ -127,7 +128,7 @@ class RunConfig:
         atomic_write_text(Path(path), self.to_yaml())
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
+    def load(cls, path: str | Path) -> RunConfig:
         return cls.from_dict(read_yaml(path))
 
 
@@ -152,7 +153,7 @@ def read_yaml(path: str | Path) -> dict:
     return values
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
@@ -363,8 +364,8 @@ def validate_section(obj: Any, name: str) -> None:
 
     if isinstance(obj, TrainConfig):
         positive("batch_size", "lr", "log_every")
-        positive("max_steps", "micro_batch_size", "warmup_steps", "eval_every", "eval_batches", "eval_batch_size", "bucket_batches",
-                 "ckpt_every", "num_threads", "weight_decay", "grad_clip", "min_lr", "epochs", allow_zero=True)
+        positive("max_steps", "micro_batch_size", "warmup_steps", "eval_every", "eval_batches", "eval_batch_size",
+                 "bucket_batches", "ckpt_every", "num_threads", "weight_decay", "grad_clip", "min_lr", "epochs", allow_zero=True)
         choice("precision", PRECISIONS)
         choice("device", DEVICES)
         choice("select_metric", SELECT_METRICS)
@@ -480,7 +481,7 @@ def diff(a: RunConfig, b: RunConfig, sections: tuple[str, ...] = ("task", "model
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*(?:#\s?(.*))?$")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_comments(cls) -> dict[str, str]:
     """Comments of a dataclass's fields, read from its source: the inline `# comment`, else the
     block of comment lines just above the field (empty when the source is unavailable)."""

@@ -50,7 +50,7 @@ class LMWindows:
         self.score_from = np.maximum(1, prev_end - self.starts).astype(np.int64)
 
     @classmethod
-    def for_eval(cls, tokens: np.ndarray, seq_len: int, stride: int) -> "LMWindows":
+    def for_eval(cls, tokens: np.ndarray, seq_len: int, stride: int) -> LMWindows:
         """Evaluation windows exactly as chiarformer.data.lm.eval_windows defines them (the protocol)."""
         from ..data.lm import eval_windows
 

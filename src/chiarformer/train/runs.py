@@ -129,9 +129,9 @@ def format_metrics(metrics: dict, kind: str | None) -> str:
 def evaluate_run(run_dir: str | Path, split: str = "val", which: str = "best", batch_size: int = 0,
                  device: str = "auto", max_batches: int = 0) -> dict:
     """Evaluate a run's checkpoint on a split (reloading the task data). Nothing is written."""
+    from .dist import DistInfo
     from .evaluate import eval_protocol, evaluate
     from .loop import autocast_for, pick_device
-    from .dist import DistInfo
     from .tasks import finalize_model_config, load_task
 
     run_dir = Path(run_dir)
