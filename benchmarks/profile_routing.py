@@ -40,7 +40,7 @@ def self_times(step, steps: int, cuda: bool) -> tuple[dict[str, float], float]:
         if key in ("aten::mm", "aten::addmm"):
             key = f"{key} {[s for s in event.input_shapes if len(s) == 2]}"
         times[key] += (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1000 / steps
-    return {k: v for k, v in times.items() if v > 0}, wall
+    return times, wall
 
 
 def main() -> None:
@@ -60,13 +60,13 @@ def main() -> None:
         layer = ChiarForCausalLM(cfg).model.layers[0].to(args.device)
         times[name], wall[name] = self_times(mixing_step(layer, h, pos), args.steps, cuda)
     keys = sorted(set(times["full"]) | set(times["routed"]),
-                  key=lambda k: -max(times["full"].get(k, 0), times["routed"].get(k, 0)))
+                  key=lambda k: -max(times["full"][k], times["routed"][k]))
     kind = "GPU kernel" if cuda else "CPU"
     print(f"self {kind} ms per forward+backward step ({args.device}, d={d}, T={t}, batch={b}, 25% to attention, top-k)")
     print("| operator | full attention | routed, sparse |")
     print("|---|---|---|")
     for key in keys[: args.top]:
-        print(f"| {key} | {times['full'].get(key, 0):.2f} | {times['routed'].get(key, 0):.2f} |")
+        print(f"| {key} | {times['full'][key]:.2f} | {times['routed'][key]:.2f} |")
     print(f"| total | {sum(times['full'].values()):.1f} | {sum(times['routed'].values()):.1f} |")
     print(f"| wall ms per profiled step | {wall['full']:.1f} | {wall['routed']:.1f} |")
 
