@@ -1,7 +1,9 @@
 """Measured cost of routed execution, next to the analytic FLOP ratios.
 
 Part 1 - token-mixing sub-layer, forward + backward: full causal attention (baseline layer)
-vs the routed DCT|attention sub-layer (sparse and dense execution) at a fixed attention share.
+vs the routed DCT|attention sub-layer (sparse and dense execution) at a fixed attention share,
+plus two bounds on the sparse layer: its attention work alone, and the layer with its router and
+DCT filter made free (the best any DCT kernel could do).
 Part 2 - whole model, forward + backward, tokens/s: baseline vs dct_attn with top-k routing.
 
 All variants are timed in one process, interleaved, and reported as ratios of medians, so
@@ -21,6 +23,7 @@ import torch
 from chiarformer import ChiarConfig, ChiarForCausalLM
 from chiarformer.config import ATTN
 from chiarformer.flops import MIXING, count_flops, entropy_macs, training_macs
+from chiarformer.gather import merge_rows
 from chiarformer.ops import resolve_impl
 
 
@@ -86,6 +89,26 @@ def attention_part_step(layer, h, pos):
     return step
 
 
+def free_dct_step(layer, h, pos):
+    """The routed layer as if its router and DCT filter cost nothing: the same routing (decided
+    once, outside the timing), the attention work for the attention tokens, the DCT tokens
+    passed through unchanged, every token put back in place. No DCT kernel can beat this."""
+    with torch.no_grad():
+        _, decision, _ = layer.token_mixing(h, pos, None, None, 0)
+    selected = decision.ops == ATTN
+    b, t, d = h.shape
+    dct_rows = (~selected).reshape(-1).nonzero().squeeze(1)
+
+    def step():
+        h.grad = None
+        k, v = layer.mixer.keys_values(h, pos)
+        rows, y = layer.sparse_attention(h, selected, k, v, pos, None)
+        passed = h.reshape(b * t, d).index_select(0, dct_rows)
+        merge_rows(b * t, [dct_rows, rows], [passed, y]).sum().backward()
+
+    return step
+
+
 def sublayer_configs(d: int, heads: int, t: int, f: float, dct_impl: str = "auto") -> tuple[ChiarConfig, ChiarConfig]:
     """Full attention and routed DCT|attention (top-k, share f); the first layer is the one timed."""
     common = dict(
@@ -106,6 +129,7 @@ def bench_sublayer(args) -> None:
     pos = torch.arange(t, device=args.device)
     steps = {name: mixing_step(layer.to(args.device), h, pos) for name, layer in layers.items()}
     steps["routed, sparse: its attention part only"] = attention_part_step(layers["routed, sparse"], h, pos)
+    steps["routed, sparse: router and DCT filter free"] = free_dct_step(layers["routed, sparse"], h, pos)
     med = race(steps, args.repeats, args.device)
     base = med["full causal attention"]
     print(f"\n## Token-mixing sub-layer, forward+backward ({args.device}, DCT {args.dct_impl}, d={d}, heads={heads}, T={t}, "
@@ -120,6 +144,7 @@ def bench_sublayer(args) -> None:
             full_cfg, routed_cfg, t, f, ("qkv", "scores", "out_proj")
         ),
     }
+    analytic["routed, sparse: router and DCT filter free"] = analytic["routed, sparse: its attention part only"]
     for name, sec in med.items():
         forward, train = analytic[name]
         print(f"| {name} | {sec * 1e3:.1f} | {sec / base:.2f}x | {forward:.2f}x | {train:.2f}x |")
