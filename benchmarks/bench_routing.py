@@ -61,7 +61,7 @@ def analytic_mixing_ratios(full_cfg, routed_cfg, t: int, f: float, components=MI
     """MACs of the first layer's token-mixing sub-layer (those components of it), routed / full
     (chiarformer.flops): forward, and forward+backward (backward ~2x forward; the routing
     entropy runs forward only)."""
-    dct_cost = "matmul" if resolve_impl(routed_cfg.dct_impl) == "matmul" else "fft"
+    dct_cost = resolve_impl(routed_cfg.dct_impl)
 
     def mixing(cfg, components):
         layer = count_flops(cfg, t, attn_fraction=f, dct_cost=dct_cost).layers[0]
@@ -73,26 +73,14 @@ def analytic_mixing_ratios(full_cfg, routed_cfg, t: int, f: float, components=MI
     return routed_fwd / full_fwd, routed_train / full_train
 
 
-def attention_part_step(layer, h, pos):
-    """The routed layer's attention work alone, for its own routing: K/V for every token, Q,
-    scores and output projection for the attention tokens; no router, no DCT filter."""
-    with torch.no_grad():
-        _, decision, _ = layer.token_mixing(h, pos, None, None, 0)
-    selected = decision.ops == ATTN
+def routed_bound_step(layer, h, pos, pass_dct_tokens: bool):
+    """A lower bound on the routed layer, for its own routing (decided once, outside the timing).
 
-    def step():
-        h.grad = None
-        k, v = layer.mixer.keys_values(h, pos)
-        _, y = layer.sparse_attention(h, selected, k, v, pos, None)
-        y.sum().backward()
-
-    return step
-
-
-def free_dct_step(layer, h, pos):
-    """The routed layer as if its router and DCT filter cost nothing: the same routing (decided
-    once, outside the timing), the attention work for the attention tokens, the DCT tokens
-    passed through unchanged, every token put back in place. No DCT kernel can beat this."""
+    Without pass_dct_tokens: its attention work alone (K/V for every token; Q, scores and output
+    projection for the attention tokens). With it: the layer as if its router and DCT filter cost
+    nothing, the DCT tokens passed through unchanged and every token put back in place; no DCT
+    kernel can beat this.
+    """
     with torch.no_grad():
         _, decision, _ = layer.token_mixing(h, pos, None, None, 0)
     selected = decision.ops == ATTN
@@ -103,8 +91,9 @@ def free_dct_step(layer, h, pos):
         h.grad = None
         k, v = layer.mixer.keys_values(h, pos)
         rows, y = layer.sparse_attention(h, selected, k, v, pos, None)
-        passed = h.reshape(b * t, d).index_select(0, dct_rows)
-        merge_rows(b * t, [dct_rows, rows], [passed, y]).sum().backward()
+        if pass_dct_tokens:
+            y = merge_rows(b * t, [dct_rows, rows], [h.reshape(b * t, d).index_select(0, dct_rows), y])
+        y.sum().backward()
 
     return step
 
@@ -128,8 +117,8 @@ def bench_sublayer(args) -> None:
     h = torch.randn(b, t, d, device=args.device, requires_grad=True)
     pos = torch.arange(t, device=args.device)
     steps = {name: mixing_step(layer.to(args.device), h, pos) for name, layer in layers.items()}
-    steps["routed, sparse: its attention part only"] = attention_part_step(layers["routed, sparse"], h, pos)
-    steps["routed, sparse: router and DCT filter free"] = free_dct_step(layers["routed, sparse"], h, pos)
+    steps["routed, sparse: its attention part only"] = routed_bound_step(layers["routed, sparse"], h, pos, False)
+    steps["routed, sparse: router and DCT filter free"] = routed_bound_step(layers["routed, sparse"], h, pos, True)
     med = race(steps, args.repeats, args.device)
     base = med["full causal attention"]
     print(f"\n## Token-mixing sub-layer, forward+backward ({args.device}, DCT {args.dct_impl}, d={d}, heads={heads}, T={t}, "

@@ -30,6 +30,7 @@ from chiarformer.train import resolve
 from chiarformer.train.datasets import LMWindows, TaskData
 from chiarformer.train.dist import DistInfo
 from chiarformer.train.loop import Trainer, configure_runtime
+from chiarformer.train.tasks import finalize_model_config
 
 GPT2_VOCAB = 50257
 
@@ -51,12 +52,12 @@ def measure(case: dict, device: str, seq_len: int, steps: int, repeats: int, thr
             f"model.execution={execution}", f"train.device={device}", f"train.num_threads={threads}", "train.max_steps=1000000",
             f"train.compile={'true' if compile_ else 'false'}"]
     cfg = resolve("text", case["preset"], case["layout"], sets=sets)
-    cfg.model = cfg.model.replace(vocab_size=case["vocab"], max_seq_len=max(seq_len, cfg.model.max_seq_len))
     n_windows = case["batch"] * (steps + 3) * repeats
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, case["vocab"], n_windows * seq_len + 1).astype(np.int64)
     data = TaskData("lm", LMWindows(tokens, seq_len), LMWindows(tokens[: seq_len * 4], seq_len), None,
                     vocab_size=case["vocab"])
+    finalize_model_config(cfg, data)
     info = DistInfo()
     dev = configure_runtime(cfg, info)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,5 @@
-"""A small learnable corpus for engine tests (imported by the test modules beside it)."""
+"""A small learnable corpus and tiny run settings for engine tests (imported by the test modules
+beside it)."""
 
 import random
 from pathlib import Path
@@ -15,3 +16,13 @@ def write_corpus(path: Path, n_words: int, seed: int) -> Path:
         out.append(WORDS[w])
     path.write_text(" ".join(out) + "\n")
     return path
+
+
+# `--set` overrides for a run that trains in seconds on a CPU.
+TINY = ["model.d_model=32", "model.n_layers=3", "model.n_heads=2", "data.seq_len=32", "train.batch_size=8",
+        "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=2", "data.tokenizer=bytes", "train.device=cpu"]
+
+
+def set_args(sets: list[str]) -> list[str]:
+    """Overrides as `chiar` arguments: --set a --set b ..."""
+    return [x for s in sets for x in ("--set", s)]

@@ -4,29 +4,15 @@ tasks work end to end; quickstart runs (reduced size)."""
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from chiarformer.cli import main
 
-TINY = ["model.d_model=32", "model.n_layers=3", "model.n_heads=2", "data.seq_len=32", "train.batch_size=8",
-        "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=2", "data.tokenizer=bytes", "train.device=cpu"]
-
-
-def write_corpus(path: Path, n_words: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "red", "ball", "."]
-    path.write_text(" ".join(rng.choice(words) for _ in range(n_words)) + "\n")
-    return path
-
-
-def set_args(sets):
-    return [x for s in sets for x in ("--set", s)]
+from corpus import TINY, set_args, write_corpus
 
 
 @pytest.fixture()

@@ -21,10 +21,7 @@ from chiarformer.train.loop import TrainingDiverged, lr_at, param_groups
 from chiarformer.train.runs import evaluate_run, read_metrics
 from chiarformer.train.tasks import ClassificationView
 
-from corpus import write_corpus
-
-TINY = ["model.d_model=32", "model.n_layers=3", "model.n_heads=2", "data.seq_len=32", "train.batch_size=8",
-        "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=2", "data.tokenizer=bytes", "train.device=cpu"]
+from corpus import TINY, write_corpus
 
 
 @pytest.fixture()

@@ -19,11 +19,7 @@ import torch
 from chiarformer.train import resolve, train
 from chiarformer.train.runs import read_metrics
 
-from corpus import write_corpus
-
-TINY = ["model.d_model=32", "model.n_layers=3", "model.n_heads=2", "data.seq_len=32", "train.batch_size=8",
-        "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=2", "data.tokenizer=bytes", "train.num_threads=1",
-        "train.device=cpu"]
+from corpus import TINY, set_args, write_corpus
 
 
 @pytest.fixture()
@@ -31,7 +27,8 @@ def setup(tmp_path, monkeypatch):
     monkeypatch.setenv("CHIAR_CACHE_DIR", str(tmp_path / "cache"))
     train_file = write_corpus(tmp_path / "train.txt", 3000, 0)
     test_file = write_corpus(tmp_path / "test.txt", 600, 1)
-    sets = TINY + [f"data.train_files=[{train_file}]", f"data.test_files=[{test_file}]", "data.val_fraction=0.1"]
+    sets = TINY + ["train.num_threads=1", f"data.train_files=[{train_file}]", f"data.test_files=[{test_file}]",
+                   "data.val_fraction=0.1"]
     env = {**os.environ, "CHIAR_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     threads = torch.get_num_threads()
     yield sets, env
@@ -40,10 +37,6 @@ def setup(tmp_path, monkeypatch):
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "chiarformer.cli", *args]
-
-
-def set_args(sets: list[str]) -> list[str]:
-    return [x for s in sets for x in ("--set", s)]
 
 
 def train_lines(run: Path) -> list[tuple]:

@@ -165,8 +165,6 @@ class FlopsCount:
         }
 
 
-
-
 # --------------------------------------------------------------------------- shares
 def layer_shares(ops: tuple[int, ...], attn_fraction: float, rbf_fraction: float | None = None) -> dict[int, float]:
     """Share of a layer's tokens per operator.

@@ -45,8 +45,9 @@ class ChiarLayer(nn.Module):
         self.ops = cfg.layer_ops[index]
         self.post_norm = cfg.norm == "post"
         self.causal = not cfg.bidirectional
-        # Soft routing blends every operator's output, so it always computes them all.
-        self.dense = cfg.execution == "dense" or cfg.routing == "soft"
+        # Soft routing blends every operator's output, so it always computes them all; a layer
+        # with one operator has nothing to route, and both executions are the same for it.
+        self.dense = cfg.execution == "dense" or cfg.routing == "soft" or len(self.ops) == 1
         scale = 2.0 if cfg.dct_scale == "reference" else 1.0
         self.dct = DCTMixer(cfg.d_model, scale, cfg.dct_impl) if DCT in self.ops else None
         self.dct_impl = cfg.dct_impl
@@ -120,8 +121,6 @@ class ChiarLayer(nn.Module):
         and cover the batch: one copy per operator puts the outputs back in place.
         """
         b, t, d = h.shape
-        if len(self.ops) == 1 and self.ops[0] == DCT:
-            return self.dct(h)
         flat_h = h.reshape(b * t, d)
         flat_ops = decision.ops.reshape(-1)
         rows, outputs = [], []
@@ -139,8 +138,6 @@ class ChiarLayer(nn.Module):
                 y = self.mixer.project_out(self.mixer.rbf(self.mixer.queries(h, pos), k, v, key_mask, self.causal))
                 rows.append(mine)
                 outputs.append(y.reshape(b * t, d).index_select(0, mine))
-        if len(rows) == 1:
-            return outputs[0].view(b, t, d)
         return merge_rows(b * t, rows, outputs).view(b, t, d)
 
     def sparse_attention(self, h, selected, k, v, pos, key_mask):

@@ -109,7 +109,7 @@ def run_quickstart(steps: int | None = None, seed: int = 0, out: str | None = No
 
 
 def _folder(name: str) -> str:
-    return "quickstart-" + name.lower().replace(" ", "-").replace("(", "").replace(")", "")
+    return "quickstart-" + name.lower().replace(" ", "-")
 
 
 def format_table(rows: dict, data, steps: int, n_train: int, total_s: float) -> str:
@@ -169,7 +169,7 @@ def format_table(rows: dict, data, steps: int, n_train: int, total_s: float) -> 
     values = {name: {key: cell(name, key) for _, key in labels} for name in names}
     for name in names[1:]:
         count = counts[name]
-        values[name]["flops"] += f" ({100 * (1 - count.forward_per_token / base_flops):+.1f}% vs baseline)".replace("+", "-", 1) \
+        values[name]["flops"] += f" (-{100 * (1 - count.forward_per_token / base_flops):.1f}% vs baseline)" \
             if count.forward_per_token <= base_flops else f" (+{100 * (count.forward_per_token / base_flops - 1):.1f}%)"
         col = max(col, *(len(v) + 2 for v in values[name].values()))
     proto = first["results"]["protocol"]
@@ -207,6 +207,6 @@ def _test_stats(data) -> tuple[int, float]:
     """(mean non-padding length, majority-class share) of the test split."""
     import numpy as np
 
-    lengths = data.test.data.lengths()
+    lengths = data.test.lengths()
     labels = np.asarray(data.test.data.labels)
     return max(1, int(round(float(lengths.mean())))), float(np.bincount(labels).max() / len(labels))

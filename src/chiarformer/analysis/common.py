@@ -143,7 +143,6 @@ class RoutingStats:
         return float((ops == op).mean()) if ops.size else 0.0
 
 
-
 def collect_routing(model, batches: Iterable[Batch]) -> RoutingStats:
     entropies: list[list[np.ndarray]] = []
     ops: list[list[np.ndarray]] = []

@@ -57,15 +57,15 @@ def evaluate(
     if max_batches:
         n_steps = min(n_steps, max_batches)
     order = np.arange(n)
-    if dataset.kind != "lm":
+    lm = dataset.kind == "lm"
+    if not lm:
         if not complete:  # a fixed random subset, not the first examples
             order = np.random.default_rng(0).permutation(n)[: n_steps * per_step]
         if hasattr(dataset, "lengths"):  # similar lengths together: less padding, same metrics
-            order = order[np.argsort(np.asarray(dataset.lengths())[order], kind="stable")]
+            order = order[np.argsort(dataset.lengths()[order], kind="stable")]
     n_layers = model.cfg.n_layers
     # Sums stay on the device until the end: no host copy per batch.
     sums = torch.zeros(5 + n_layers * N_OPS, dtype=torch.float64, device=device)  # nats, targets, correct, bytes, examples, ops
-    lm = dataset.kind == "lm"
     byte_table = torch.as_tensor(token_bytes, dtype=torch.float64, device=device) if (lm and token_bytes is not None) else None
     for step in range(n_steps):
         global_idx = order[step * per_step : (step + 1) * per_step]
@@ -85,12 +85,12 @@ def evaluate(
             logits = out.logits[:, :-1].float()  # one copy: the predictions that have a target
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                                   reduction="none").view_as(targets)
-            scored = targets != -100
-            sums[0] += nll[scored].sum().double()
+            scored = targets != -100  # unscored positions have nll 0; no boolean indexing (a host sync)
+            sums[0] += nll.sum().double()
             sums[1] += scored.sum()
             sums[2] += ((logits.argmax(-1) == targets) & scored).sum()
             if byte_table is not None:
-                sums[3] += byte_table[targets[scored]].sum()
+                sums[3] += (byte_table[targets.clamp_min(0)] * scored).sum()
             sums[4] += targets.shape[0]
             mask = None
         else:

@@ -570,9 +570,8 @@ def tune_cpu_allocator() -> bool:
     on 2 cores. Linux/glibc only; a no-op elsewhere. Returns whether it applied.
     """
     import ctypes
-    import sys as _sys
 
-    if not _sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

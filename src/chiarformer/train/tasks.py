@@ -124,7 +124,7 @@ class ClassificationView:
         return len(self.data)
 
     def lengths(self) -> np.ndarray:
-        return np.asarray(self.data.lengths())
+        return self.data.lengths()
 
     def batch(self, indices) -> dict:
         return self.data.batch(np.asarray(indices, dtype=np.int64))
