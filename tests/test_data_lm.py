@@ -34,9 +34,13 @@ def test_train_windows_are_non_overlapping_views():
 
 def test_stride_equal_context_is_the_published_protocol():
     windows = eval_windows(1000, 256, 256)
-    assert windows == [(0, 1, 256), (256, 257, 512), (512, 513, 768)]
-    # Each window scores tokens 2..C of itself; the first token of each window is context.
-    assert len(scored_tokens(np.arange(1000), 256, 256)) == 3 * 255
+    assert windows == [(0, 1, 257), (256, 257, 513), (512, 513, 769)]  # (N - 1) // C windows
+    # x = t[s:s+C], y = t[s+1:s+C+1]: C targets per window, every token from 1 to 3C once.
+    assert scored_tokens(np.arange(1000), 256, 256).tolist() == list(range(1, 769))
+    batch = next(eval_batches(np.arange(1000), 256, 256, batch_size=2))
+    assert batch["input_ids"].shape == (2, 256) and batch["labels"].shape == (2, 257)
+    assert batch["input_ids"][1, 0] == 256 and batch["labels"][1, -1] == 512
+    assert len(eval_windows(769, 256, 256)) == 3 and len(eval_windows(768, 256, 256)) == 2
 
 
 @pytest.mark.parametrize(("n", "context", "stride"),

@@ -206,7 +206,8 @@ def test_every_causal_configuration_is_causal(seed):
 
 NONCAUSAL = [
     dict(layout="dct_attn", meta_router="batch_mean"),
-    dict(layout="three_op", rbf="reference_quadratic"),
+    # A small gamma flattens the published kernel (its T x T softmax is nearly the identity at gamma=1).
+    dict(layout="three_op", rbf="reference_quadratic", rbf_gamma=0.03),
     dict(layout="dct_attn", routing="topk", attn_fraction=0.25),
 ]
 
@@ -219,6 +220,9 @@ def test_noncausal_options_are_refused_and_really_leak(options):
     model = build(ChiarForCausalLM, cfg.replace(allow_noncausal=True))
     if model.model.meta_router is not None:  # a trained gate depends on its input; a fresh one does not
         torch.nn.init.normal_(model.model.meta_router.gate.weight, std=50.0)
+    for layer in model.model.layers:  # likewise a trained projection of the published RBF's mixture
+        if layer.rbf_ref is not None:
+            torch.nn.init.normal_(layer.rbf_ref.proj.weight, std=1.0)
     rng = random.Random(5)
     leaks = [assert_causal(model, cfg, rng, t_cut=8) for _ in range(4)]
     assert max(leaks) > 1e-4

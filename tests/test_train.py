@@ -52,8 +52,9 @@ def test_lm_windows_score_every_token_once_with_a_stride():
             positions = (b["labels"][0] != -100).nonzero().flatten()
             scored += [start + int(p) for p in positions if p > 0]
             assert torch.equal(b["input_ids"][0], torch.as_tensor(tokens[start : start + seq_len]))
-        if stride == seq_len:  # published: non-overlapping windows, each scores seq_len - 1 targets
-            assert len(scored) == len(ds) * (seq_len - 1) == ds.n_scored
+        if stride == seq_len:  # published: x = t[s:s+C], y = t[s+1:s+C+1], (N-1)//C windows of C targets
+            assert len(ds) == (len(tokens) - 1) // seq_len and b["labels"].shape[1] == seq_len + 1
+            assert sorted(scored) == list(range(1, len(ds) * seq_len + 1)) and ds.n_scored == len(scored)
         else:  # sliding: every target from position 1 on, exactly once
             assert sorted(scored) == list(range(1, len(tokens))) and ds.n_scored == len(tokens) - 1
 

@@ -28,9 +28,13 @@ LAYOUTS = ("baseline", "dct_attn", "three_op", "dct_only")
 ROUTINGS = ("threshold", "soft", "hard", "topk")
 META_ROUTERS = ("none", "causal", "batch_mean")
 EXECUTIONS = ("sparse", "dense")
-NORMS = ("post", "pre")
+NORMS = ("post", "pre", "per_operator")
 RBF_FORMS = ("causal_linear", "reference_quadratic")
 DCT_SCALES = ("ortho", "reference")
+ENTROPIES = ("ortho", "reference")
+STRAIGHT_THROUGH = ("chosen", "all")
+DROPOUT_PLACEMENTS = ("sublayers", "reference")
+COLLAPSE_FORMS = ("probs", "reference")
 DCT_IMPLS = ("auto", "matmul", "fft")
 
 # The mean of E[z^2 log z^2] for z ~ N(0, 1) (= 2 - Euler's gamma - ln 2). A Gaussian vector
@@ -64,16 +68,38 @@ class ChiarConfig:
     tau: float | list | None = None
     attn_fraction: float = 0.25  # share of tokens sent to attention by routing="topk"
     collapse_reg: float = 0.0  # lambda of the collapse regulariser (published 0.01); soft/hard only
+    # probs: lambda * sum(u log u) of the mean router probabilities u (acts on the router) |
+    # reference (published): the same on detached gates (one-hot for threshold/hard), threshold
+    # mode included: a constant in the loss, no gradient (SPEC §7).
+    collapse_form: str = "probs"
 
     # --- options, including the published (reference) behaviours ---
     meta_router: str = "none"  # none | causal (prefix mean) | batch_mean (published; NON-CAUSAL)
     meta_gate_init: float = 0.5  # initial MetaRouter gate g (the published code starts at 0.5)
     execution: str = "sparse"  # sparse (each operator runs on its own tokens) | dense (published)
-    norm: str = "post"  # post (published: x <- LN(x + f(x))) | pre (x <- x + f(LN(x)))
-    rbf: str = "causal_linear"  # causal_linear | reference_quadratic (published; NON-CAUSAL)
+    # post: x <- LN(x + f(x)) with one LayerNorm for the token-mixing sub-layer | pre:
+    # x <- x + f(LN(x)) | per_operator (published): each operator has its own LayerNorm,
+    # LN_op(x + op(x)), and the layer selects (or, soft, blends) the normalised outputs.
+    norm: str = "post"
+    # causal_linear: kernel attention on the layer's Q/K/V with prefix sums | reference_quadratic
+    # (published RBFMix, NON-CAUSAL): on x itself, fixed frequencies (d, R) ~ N(0, 2 gamma),
+    # unmasked softmax(phi phi^T) phi over all T x T, projection 2R -> d and its own FFN.
+    rbf: str = "causal_linear"
     rbf_features: int = 64  # random Fourier frequencies R (features are [cos, sin]: 2R values)
     rbf_gamma: float = 1.0  # RBF kernel width: k(q, k) = exp(-gamma |q - k|^2 / 2)
     dct_scale: str = "ortho"  # ortho | reference (published: the DCT round trip gives 2x)
+    # Spectral entropy the routers see: ortho (orthonormal DCT) | reference (published: from its
+    # unnormalised DCT, so the DC coefficient's power counts 2x; its 1e-8 epsilons; differentiable,
+    # so soft/hard routers back-propagate through H as in the published code).
+    entropy: str = "ortho"
+    # Hard routing's straight-through gradient: chosen (through the chosen probability) |
+    # all (published: onehot - p.detach() + p, through every probability; needs every operator's
+    # output, so those layers run dense).
+    straight_through: str = "chosen"
+    # sublayers: dropout on each token-mixing output and the FFN output | reference (published):
+    # after the GELU inside the FFN and after the FFN, none on DCT/attention outputs, and in the
+    # classifier head. Both also drop embeddings and attention weights.
+    dropout_placement: str = "sublayers"
     dct_impl: str = "auto"  # auto (fastest measured on the device) | matmul (d^2) | fft (d log d)
     allow_noncausal: bool = False  # let a causal LM use options that leak the future (labelled)
     rope_base: float = 10000.0  # RoPE frequency base
@@ -179,6 +205,10 @@ class ChiarConfig:
         choice("rbf", RBF_FORMS)
         choice("dct_scale", DCT_SCALES)
         choice("dct_impl", DCT_IMPLS)
+        choice("entropy", ENTROPIES)
+        choice("straight_through", STRAIGHT_THROUGH)
+        choice("dropout_placement", DROPOUT_PLACEMENTS)
+        choice("collapse_form", COLLAPSE_FORMS)
         layer_ops = self.layer_ops  # raises on a bad layout
         if self.routing == "topk" and any(len(ops) > 2 for ops in layer_ops):
             raise UserError("routing='topk' picks attention tokens only; use threshold/soft/hard for three operators")
@@ -213,11 +243,26 @@ def parse_layout(layout: str, n_layers: int) -> list[tuple[int, ...]]:
     return result
 
 
+# Every option that reproduces the published code (github hackie123/CHIAR-former @ 9602c6e, SPEC §7);
+# tau is the midpoint of its config.py thresholds 0.8935 / 0.8973.
+REFERENCE_OPTIONS: dict = dict(
+    execution="dense", norm="per_operator", dct_scale="reference", entropy="reference", straight_through="all",
+    rbf="reference_quadratic", dropout_placement="reference", collapse_form="reference", meta_router="batch_mean",
+    tau=(0.8935 + 0.8973) / 2,
+)
+
 PRESETS: dict[str, dict] = {
     # The paper's v1 scale ("17M" without the 12.9M-parameter tied embedding).
     "paper-17m": dict(vocab_size=50257, d_model=256, n_heads=4, n_layers=4, max_seq_len=256, dropout=0.1),
     # The paper's v2 scale.
     "paper-400m": dict(vocab_size=50257, d_model=1024, n_heads=16, n_layers=28, max_seq_len=256, dropout=0.1),
+    # The published code's behaviour as a whole, at both published sizes (each option: docs/model.md).
+    # Its CHIAR models use the batch-mean MetaRouter (NON-CAUSAL: a causal LM also needs
+    # allow_noncausal=True); its baseline has none (add meta_router="none" for layout="baseline").
+    "reference-17m": dict(vocab_size=50257, d_model=256, n_heads=4, n_layers=4, max_seq_len=256, dropout=0.1,
+                          **REFERENCE_OPTIONS),
+    "reference-400m": dict(vocab_size=50257, d_model=1024, n_heads=16, n_layers=28, max_seq_len=256, dropout=0.1,
+                           **REFERENCE_OPTIONS),
     # For tests and CPU-sized experiments.
     "tiny": dict(vocab_size=512, d_model=64, n_heads=4, n_layers=4, max_seq_len=256, dropout=0.0),
 }

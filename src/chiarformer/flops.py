@@ -352,8 +352,8 @@ def _rbf_per_token(cfg: ChiarConfig, t: int, scores: str) -> float:
     """RBF kernel attention MACs per position (all positions run it; see module docstring)."""
     d, heads, r = cfg.d_model, cfg.n_heads, cfg.rbf_features
     features = 2.0 * r * d  # phi(q) and phi(k): (dh x R) per head, for queries and keys
-    if cfg.rbf == "reference_quadratic":  # unmasked T x T softmax over phi(Q) phi(K)^T
-        return features + t * (2.0 * r * heads + d)
+    if cfg.rbf == "reference_quadratic":  # published RBFMix: x W, unmasked T x T phi phi^T, A phi, 2R -> d, own FFN
+        return d * r + t * 4.0 * r + 2.0 * r * d + 2.0 * d * cfg.d_ff
     if cfg.bidirectional:
         return features + 2.0 * (2.0 * r * d)  # phi(K)^T V once, phi(Q) times it
     # causal_linear, in chunks of RBF_CHUNK: state update phi(k) v^T and readout phi(q) S

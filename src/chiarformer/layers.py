@@ -68,14 +68,42 @@ class DCTMixer(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, dropout: float):
+    """down(drop_inner(GELU(up(x)))), dropped; inner dropout is the published placement (else 0)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, inner_dropout: float = 0.0):
         super().__init__()
         self.up = nn.Linear(d_model, d_ff)
         self.down = nn.Linear(d_ff, d_model)
+        self.inner_dropout = nn.Dropout(inner_dropout)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x))))
+        return self.dropout(self.down(self.inner_dropout(F.gelu(self.up(x)))))
+
+
+class ReferenceRBF(nn.Module):
+    """The published RBF operator (RBFMix, v1 ablation), NON-CAUSAL and quadratic in T.
+
+    On x itself: phi = [cos(x W / sqrt R), sin(x W / sqrt R)] with fixed W (d, R) ~ N(0, 2 gamma),
+    every position attends to every position by softmax(phi phi^T) (no causal mask), then a
+    projection 2R -> d and the operator's own FFN. Its LayerNorm is the layer's (per operator).
+    Padding keys (key_mask) are excluded; the published code has no padding mask.
+    """
+
+    def __init__(self, cfg, inner_dropout: float):
+        super().__init__()
+        r = cfg.rbf_features
+        self.register_buffer("omega", torch.randn(cfg.d_model, r) * math.sqrt(2.0 * cfg.rbf_gamma))
+        self.proj = nn.Linear(2 * r, cfg.d_model)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, inner_dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        angles = x @ self.omega.to(x.dtype) / math.sqrt(self.omega.shape[1])
+        phi = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        scores = phi @ phi.transpose(-1, -2)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[:, None, -x.shape[1]:], float("-inf"))
+        return self.ffn(self.proj(torch.softmax(scores, dim=-1) @ phi))
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
@@ -124,7 +152,6 @@ class TokenMixer(nn.Module):
         self.q = nn.Linear(d, d)
         self.kv = nn.Linear(d, 2 * d)
         self.out = nn.Linear(d, d)
-        self.rbf_form = cfg.rbf
         if with_rbf:
             # Fixed Gaussian frequencies: E[cos(w.(q - k))] = exp(-gamma |q - k|^2 / 2).
             freqs = torch.randn(self.head_dim, cfg.rbf_features) * math.sqrt(cfg.rbf_gamma)
@@ -186,16 +213,14 @@ class TokenMixer(nn.Module):
     def rbf(self, q, k, v, key_mask, causal: bool) -> torch.Tensor:
         """RBF kernel attention for queries at the last q.shape[2] positions of the keys.
 
-        causal_linear: out_t = sum_{s<=t} phi(q_t).phi(k_s) v_s / (t + 1), by chunked prefix
-        sums: O(T R dh) time, O(R dh) state. Random-feature kernel estimates can be negative, so
-        dividing by their sum (as softmax attention does) is unstable; the count is not.
-        reference_quadratic (published): softmax over an unmasked T x T phi(Q) phi(K)^T.
+        out_t = sum_{s<=t} phi(q_t).phi(k_s) v_s / (t + 1), by chunked prefix sums: O(T R dh)
+        time, O(R dh) state. Random-feature kernel estimates can be negative, so dividing by
+        their sum (as softmax attention does) is unstable; the count is not. (The published
+        operator is ReferenceRBF.)
         """
         fq, fk = self.rbf_features(q), self.rbf_features(k)
         if key_mask is not None:
             fk = fk * key_mask[:, None, :, None].to(fk.dtype)
-        if self.rbf_form == "reference_quadratic":
-            return torch.softmax(fq @ fk.transpose(-1, -2), dim=-1) @ v
         if not causal:
             count = k.shape[2] if key_mask is None else key_mask.sum(-1)[:, None, None, None].clamp_min(1)
             return (fq @ (fk.transpose(-1, -2) @ v)) / count

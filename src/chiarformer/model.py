@@ -8,18 +8,20 @@ ChiarForSequenceClassification (masked mean pooling, MLP head).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ATTN, DCT, RBF, ChiarConfig
+from .config import ATTN, DCT, OP_NAMES, RBF, ChiarConfig
 from .errors import UserError
 from .gather import merge_rows
-from .layers import DCTMixer, FeedForward, TokenMixer, round_up
-from .ops import spectral_entropy
-from .routing import Decision, MetaRouter, Router, RoutingInfo, collapse_penalty
+from .layers import DCTMixer, FeedForward, ReferenceRBF, TokenMixer, round_up
+from .ops import reference_spectral_entropy, spectral_entropy
+from .routing import Decision, MetaRouter, Router, RoutingInfo, collapse_penalty, reference_collapse_penalty
 
 
 @dataclass
@@ -43,31 +45,43 @@ class ChiarLayer(nn.Module):
     def __init__(self, cfg: ChiarConfig, index: int):
         super().__init__()
         self.ops = cfg.layer_ops[index]
-        self.post_norm = cfg.norm == "post"
+        self.post_norm = cfg.norm != "pre"
         self.causal = not cfg.bidirectional
-        # Soft routing blends every operator's output, so it always computes them all; a layer
-        # with one operator has nothing to route, and both executions are the same for it.
-        self.dense = cfg.execution == "dense" or cfg.routing == "soft" or len(self.ops) == 1
+        published_rbf = RBF in self.ops and cfg.rbf == "reference_quadratic"
+        # Soft routing (and the published all-probability straight-through) blends every
+        # operator's output, so it computes them all; so does the published RBF, which is
+        # quadratic over all positions anyway; a layer with one operator has nothing to route.
+        self.dense = (cfg.execution == "dense" or cfg.routing == "soft" or len(self.ops) == 1 or published_rbf
+                      or (cfg.routing == "hard" and cfg.straight_through == "all"))
         scale = 2.0 if cfg.dct_scale == "reference" else 1.0
         self.dct = DCTMixer(cfg.d_model, scale, cfg.dct_impl) if DCT in self.ops else None
-        self.dct_impl = cfg.dct_impl
-        self.mixer = TokenMixer(cfg, with_rbf=RBF in self.ops) if ATTN in self.ops or RBF in self.ops else None
+        self.entropy_of = reference_spectral_entropy if cfg.entropy == "reference" else partial(spectral_entropy,
+                                                                                                impl=cfg.dct_impl)
+        own_rbf = RBF in self.ops and not published_rbf
+        self.mixer = TokenMixer(cfg, with_rbf=own_rbf) if ATTN in self.ops or own_rbf else None
+        inner_dropout = cfg.dropout if cfg.dropout_placement == "reference" else 0.0
+        self.rbf_ref = ReferenceRBF(cfg, inner_dropout) if published_rbf else None
         self.router = Router(cfg, self.ops, cfg.layer_taus(index)) if len(self.ops) > 1 else None
-        self.norm_mix = nn.LayerNorm(cfg.d_model)
+        if cfg.norm == "per_operator":  # published: LN_op(x + op(x)) inside each operator
+            self.op_norms = nn.ModuleDict({OP_NAMES[op]: nn.LayerNorm(cfg.d_model) for op in self.ops})
+        else:
+            self.op_norms = None
+            self.norm_mix = nn.LayerNorm(cfg.d_model)
         self.norm_ffn = nn.LayerNorm(cfg.d_model)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, inner_dropout)
+        # Dropout on token-mixing outputs (none in the published placement).
+        self.dropout = nn.Dropout(0.0 if cfg.dropout_placement == "reference" else cfg.dropout)
 
     def forward(self, x, pos, key_mask, cache: KVCache | None, index: int, want_entropy: bool):
         h = x if self.post_norm else self.norm_mix(x)
         mixed, decision, entropy = self.token_mixing(h, pos, key_mask, cache, index, want_entropy)
-        mixed = self.dropout(mixed)
-        if self.post_norm:
-            x = self.norm_mix(x + mixed)
-            x = self.norm_ffn(x + self.ffn(x))
+        if self.op_norms is not None:  # already LN_op(x + op(x)), selected or blended
+            x = mixed
+        elif self.post_norm:
+            x = self.norm_mix(x + self.dropout(mixed))
         else:
-            x = x + mixed
-            x = x + self.ffn(self.norm_ffn(x))
+            x = x + self.dropout(mixed)
+        x = self.norm_ffn(x + self.ffn(x)) if self.post_norm else x + self.ffn(self.norm_ffn(x))
         order = self.router.order if self.router is not None else self.ops
         return x, RoutingInfo(decision.ops, entropy, decision.probs, order)
 
@@ -75,7 +89,8 @@ class ChiarLayer(nn.Module):
         """Route each token of h (B, T, d), run the operators; returns (mixed, decision, entropy)."""
         entropy = None
         if self.router is not None or want_entropy:
-            entropy = spectral_entropy(h, self.dct_impl)  # no gradient: routers learn through their Linear
+            # Ours has no gradient (routers learn through their Linear); the published one has.
+            entropy = self.entropy_of(h)
         new_mask = None if key_mask is None else key_mask[:, -h.shape[1] :]
         if self.router is not None:
             decision = self.router(h, entropy, new_mask)
@@ -91,9 +106,22 @@ class ChiarLayer(nn.Module):
                 cache.keys[index], cache.values[index] = k, v
         mix = self.mix_dense if self.dense else self.mix_sparse
         mixed = mix(h, decision, k, v, pos, key_mask)
+        if self.op_norms is not None and not self.dense:
+            mixed = self.normalise_selected(h, mixed, decision.ops)
         if decision.weight is not None:
             mixed = mixed * decision.weight[..., None].to(mixed.dtype)
-        return mixed, decision, entropy
+        return mixed, decision, None if entropy is None else entropy.detach()
+
+    def normalise_operator(self, op: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The published per-operator sub-layer: LN_op(h + op(h))."""
+        return self.op_norms[OP_NAMES[op]](h + self.dropout(y))
+
+    def normalise_selected(self, h, mixed, ops):
+        """Each token's sub-layer normalised by its own operator's LayerNorm (sparse execution)."""
+        out = self.normalise_operator(self.ops[0], h, mixed)
+        for op in self.ops[1:]:
+            out = torch.where((ops == op)[..., None], self.normalise_operator(op, h, mixed), out)
+        return out
 
     # ------------------------------------------------------------------ execution
     def mix_dense(self, h, decision, k, v, pos, key_mask):
@@ -105,10 +133,15 @@ class ChiarLayer(nn.Module):
             q = self.mixer.queries(h, pos)
             if ATTN in self.ops:
                 outs[ATTN] = self.mixer.project_out(self.mixer.attend(q, k, v, pos, key_mask, self.causal))
-            if RBF in self.ops:
+            if RBF in self.ops and self.rbf_ref is None:
                 outs[RBF] = self.mixer.project_out(self.mixer.rbf(q, k, v, key_mask, self.causal))
-        if decision.probs is not None and decision.weight is None:  # soft: blend by probability
-            return sum(decision.probs[..., i, None].to(h.dtype) * outs[op] for i, op in enumerate(self.router.order))
+        if self.rbf_ref is not None:
+            outs[RBF] = self.rbf_ref(h, key_mask)
+        if self.op_norms is not None:
+            outs = {op: self.normalise_operator(op, h, y) for op, y in outs.items()}
+        blend = self.router.blend(decision) if self.router is not None else None
+        if blend is not None:  # soft, or the published straight-through: weights on every output
+            return sum(blend[..., i, None].to(h.dtype) * outs[op] for i, op in enumerate(self.router.order))
         mixed = outs[self.ops[0]]
         for op in self.ops[1:]:
             mixed = torch.where((decision.ops == op)[..., None], outs[op], mixed)
@@ -223,6 +256,17 @@ class ChiarModel(nn.Module):
         return None if bool(mask.all()) else mask
 
 
+def next_token_pairs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, targets) for next-token scoring; labels start at the first input position.
+
+    labels[:, 1:] are the targets of the positions before them: with labels as long as the input,
+    the last position has no target; with labels one longer (the published windows of C + 1
+    tokens, of which C are input) every position is scored.
+    """
+    targets = labels[:, 1:]
+    return logits[:, : targets.shape[1]], targets
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor
@@ -265,6 +309,8 @@ class ChiarPreTrained(nn.Module):
 
     def aux_loss(self, routing: list[RoutingInfo], like: torch.Tensor) -> torch.Tensor:
         probs = [r.probs for r in routing if r.probs is not None]
+        if self.cfg.collapse_reg and self.cfg.collapse_form == "reference" and self.cfg.routed_layers:
+            return self.cfg.collapse_reg * reference_collapse_penalty(routing, self.cfg.routing == "soft")
         if not self.cfg.collapse_reg or not probs:
             return like.new_zeros(())
         return self.cfg.collapse_reg * collapse_penalty(probs)
@@ -286,7 +332,8 @@ class ChiarForCausalLM(ChiarPreTrained):
         logits = hidden @ self.model.embed.weight.T  # tied head
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            predictions, targets = next_token_pairs(logits, labels)
+            loss = F.cross_entropy(predictions.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return ModelOutput(logits, loss, self.aux_loss(routing, logits), routing, gate)
 
     @torch.no_grad()
@@ -321,7 +368,11 @@ class ChiarForSequenceClassification(ChiarPreTrained):
             raise UserError("meta_router='batch_mean' lets sequences in a batch see each other; "
                             "set allow_noncausal=True to replicate the paper")
         super().__init__(cfg)
-        self.head = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.n_classes))
+        # Named entries keep the weights at head.0 / head.2 whatever the dropout placement.
+        head_dropout = cfg.dropout if cfg.dropout_placement == "reference" else 0.0
+        self.head = nn.Sequential(OrderedDict([("0", nn.Linear(cfg.d_model, cfg.d_model)), ("1", nn.GELU()),
+                                               ("dropout", nn.Dropout(head_dropout)),
+                                               ("2", nn.Linear(cfg.d_model, cfg.n_classes))]))
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, labels=None, return_routing=False):

@@ -87,3 +87,20 @@ def spectral_entropy(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     weighted = torch.linalg.vecdot(power, power.clamp_min(tiny).log_())
     h = torch.where(total > 0, total.log() - weighted / total.clamp_min(tiny), 0.0)
     return (h / math.log(d)).clamp(0.0, 1.0)
+
+
+def reference_spectral_entropy(x: torch.Tensor) -> torch.Tensor:
+    """The published code's spectral entropy (SPEC §7), differentiable, in float32.
+
+    Its DCT is diag(2 sqrt2, 2, ..., 2) times the orthonormal one, so after normalisation the DC
+    coefficient's power counts twice; p = P / (sum P + 1e-8), H = -sum p log(p + 1e-8) / (log d + 1e-8).
+    It differs from `spectral_entropy` unless the vector's feature mean is zero.
+    """
+    d = x.shape[-1]
+    weight = torch.full((d,), 4.0, device=x.device)
+    weight[0] = 8.0  # (2 sqrt2)^2
+    exact = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) else nullcontext()
+    with exact:
+        power = dct(x.float()).square() * weight
+        p = power / (power.sum(-1, keepdim=True) + 1e-8)
+        return -(p * (p + 1e-8).log()).sum(-1) / (math.log(d) + 1e-8)

@@ -40,6 +40,7 @@ class Router(nn.Module):
         self.order = tuple(op for op in ENTROPY_ORDER if op in ops)
         self.register_buffer("order_ids", torch.tensor(self.order), persistent=False)
         self.attn_fraction = cfg.attn_fraction
+        self.straight_through = cfg.straight_through
         self.register_buffer("tau", torch.tensor(taus, dtype=torch.float32))
         if self.mode in ("soft", "hard"):
             self.logits = nn.Linear(cfg.d_model + 1, len(self.order))
@@ -58,10 +59,24 @@ class Router(nn.Module):
         probs = torch.softmax(self.logits(features).float(), dim=-1)
         choice = probs.argmax(-1)
         weight = None
-        if self.mode == "hard":  # straight-through: value 1, gradient of the chosen probability
+        if self.mode == "hard" and self.straight_through == "chosen":  # value 1, gradient of the chosen probability
             chosen = probs.gather(-1, choice[..., None])[..., 0]
             weight = 1.0 + chosen - chosen.detach()
         return Decision(order[choice], probs, weight)
+
+    def blend(self, decision: Decision) -> torch.Tensor | None:
+        """Weights (B, T, n_ops) that mix every operator's output, or None when tokens select one.
+
+        soft: the probabilities. hard with straight_through="all" (published): onehot - p.detach() + p,
+        the one-hot choice in value with the gradient of every probability.
+        """
+        if self.mode == "soft":
+            return decision.probs
+        if self.mode == "hard" and self.straight_through == "all":
+            probs = decision.probs
+            onehot = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+            return onehot - probs.detach() + probs
+        return None
 
     def top_k(self, entropy: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """Per sequence, the round(attn_fraction * length) highest-entropy real tokens go to attention.
@@ -90,6 +105,25 @@ def collapse_penalty(probs: list[torch.Tensor]) -> torch.Tensor:
     for p in probs:
         usage = p.reshape(-1, p.shape[-1]).mean(0)
         total = total + torch.special.xlogy(usage, usage).sum()
+    return total
+
+
+def reference_collapse_penalty(routing: list[RoutingInfo], soft: bool) -> torch.Tensor:
+    """The published form: sum(q log(q + 1e-8)) of the mean detached gates q per routed layer.
+
+    Gates are one-hot choices (threshold, hard) or probabilities (soft), padding included; no
+    gradient reaches the model, so it only shifts the logged loss.
+    """
+    total = routing[0].ops.new_zeros((), dtype=torch.float32)
+    for info in routing:
+        if len(info.order) < 2:
+            continue
+        if soft:
+            gates = info.probs.detach()
+        else:
+            gates = (info.ops[..., None] == torch.tensor(info.order, device=info.ops.device)).float()
+        q = gates.reshape(-1, gates.shape[-1]).float().mean(0)
+        total = total + (q * (q + 1e-8).log()).sum()
     return total
 
 

@@ -162,15 +162,17 @@ def paper_taus(embedding_entropy: np.ndarray) -> tuple[float, float, float]:
 
 
 def embedding_entropies(model, batches: list[common.Batch]) -> np.ndarray:
-    """Spectral entropy of the token embeddings of every real token in batches."""
-    from ..ops import spectral_entropy
+    """Spectral entropy of the token embeddings of every real token in batches, by the routers'
+    definition (model.cfg.entropy: the published calibration uses the published entropy)."""
+    from ..ops import reference_spectral_entropy, spectral_entropy
 
+    entropy = reference_spectral_entropy if model.cfg.entropy == "reference" else spectral_entropy
     embed = model.model.embed.weight
     out = []
     with torch.no_grad():
         for batch in batches:
             ids = batch.input_ids.to(embed.device)
-            h = spectral_entropy(embed[ids]).reshape(-1).cpu().numpy()
+            h = entropy(embed[ids]).reshape(-1).cpu().numpy()
             if batch.attention_mask is not None:
                 h = h[batch.attention_mask.reshape(-1).cpu().numpy()]
             out.append(h)

@@ -7,9 +7,10 @@
     score.result()                              # {"loss", "ppl", "bpb", "tokens", "bytes"}
 
 Evaluation protocol, (context C, stride S):
-- S == C: the published protocol. The text is cut into non-overlapping windows of C tokens,
-  the remainder dropped, and each window predicts its tokens 2..C from the tokens before them
-  inside the window (the first token of a window is never scored).
+- S == C: the published protocol. Windows of C + 1 tokens start every C tokens, (N - 1) // C
+  of them (the remainder dropped): the model reads x = t[s : s+C] and predicts y = t[s+1 : s+C+1],
+  C targets per window, so every token but the first is scored once (its batches' labels are
+  one longer than the input, see model.next_token_pairs).
 - S < C: sliding windows. Windows start every S tokens; each scores only the tokens that no
   earlier window scored, so every token after the first is scored exactly once, with at least
   C - S tokens of context (fewer only at the start). The last window is moved back to end at
@@ -51,9 +52,9 @@ def eval_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, in
     if n_tokens < 2:
         raise UserError(f"{n_tokens} tokens are too few to evaluate")
     if stride == context:
-        if n_tokens < context:
-            raise UserError(f"{n_tokens} tokens are fewer than one window of {context}")
-        return [(b, b + 1, b + context) for b in range(0, n_tokens - context + 1, context)]
+        if n_tokens < context + 1:
+            raise UserError(f"{n_tokens} tokens are fewer than one window of {context} inputs and their targets")
+        return [(b, b + 1, b + context + 1) for b in range(0, (n_tokens - 1) // context * context, context)]
     windows = []
     scored_until = 1  # the first token has no context and is never scored
     begin = 0
@@ -71,8 +72,8 @@ def eval_batches(tokens: np.ndarray, context: int, stride: int, batch_size: int)
     windows = eval_windows(len(tokens), context, stride)
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
-        ids = np.stack([np.asarray(tokens[b:e], np.int64) for b, _, e in chunk])
-        labels = ids.copy()
+        labels = np.stack([np.asarray(tokens[b:e], np.int64) for b, _, e in chunk])
+        ids = labels[:, :context].copy()  # the published windows' last token is a target only
         for row, (b, first, _) in enumerate(chunk):
             labels[row, : first - b] = IGNORE
         yield {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
@@ -99,8 +100,9 @@ class LMScore:
 
     @torch.no_grad()
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        logits = logits[:, :-1].float()
-        targets = labels[:, 1:].to(logits.device)
+        from ..model import next_token_pairs
+
+        logits, targets = next_token_pairs(logits.float(), labels.to(logits.device))
         self.nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
                                     reduction="sum").item()
         scored = targets[targets != IGNORE].cpu()

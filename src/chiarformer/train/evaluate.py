@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model import next_token_pairs
 from . import dist as D
 from .datasets import shard
 
@@ -81,8 +82,8 @@ def evaluate(
         if dummy:
             continue
         if lm:
-            targets = batch["labels"][:, 1:]
-            logits = out.logits[:, :-1].float()  # one copy: the predictions that have a target
+            logits, targets = next_token_pairs(out.logits, batch["labels"])
+            logits = logits.float()  # one copy: the predictions that have a target
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                                   reduction="none").view_as(targets)
             scored = targets != -100  # unscored positions have nll 0; no boolean indexing (a host sync)
