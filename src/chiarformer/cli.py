@@ -5,6 +5,7 @@
     chiar eval --run runs/NAME [--split val|test] [--which best|last]
     chiar config --task T [...]           print the resolved, commented configuration (a starting YAML)
     chiar tasks                           list the tasks and where their data comes from
+    chiar import-reference FILE.pt --out runs/NAME [--tau T] [--task T]   a published checkpoint as a run
 
 Analysis subcommands (calibrate, route, flops, report) are added by chiarformer.analysis.cli.
 Multi-GPU: `torchrun --nproc_per_node=8 -m chiarformer.cli train ...` (see docs/training.md).
@@ -111,6 +112,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- import-reference
+def cmd_import_reference(args) -> int:
+    from .reference import import_reference
+
+    imported = import_reference(args.checkpoint, args.out, tau=args.tau, task=args.task, routing=args.routing)
+    cfg = imported.config
+    print(f"imported {args.checkpoint} -> {args.out} ({'language model' if imported.kind == 'lm' else 'classifier'}, "
+          f"step {imported.step}, recorded {imported.metrics or 'no metrics'})")
+    print(f"model: layout {cfg.layout}, d={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, d_ff={cfg.d_ff}, "
+          f"vocab {cfg.vocab_size}, context {cfg.max_seq_len}, routing {cfg.routing}"
+          + (f" tau={cfg.tau:.4f}" if cfg.routing == "threshold" and cfg.tau is not None else "")
+          + f", MetaRouter {cfg.meta_router}; every published option (docs/model.md)")
+    for note in imported.notes:
+        print(f"note: {note}")
+    if cfg.noncausal_options():
+        print("note: NON-CAUSAL as published: " + "; ".join(cfg.noncausal_options()))
+    if imported.extra:
+        print(f"kept out of the model (no counterpart), saved in {Path(args.out) / 'reference_extra.safetensors'}: "
+              + ", ".join(f"{k} {tuple(v.shape)}" for k, v in imported.extra.items()))
+    return 0
+
+
 # ---------------------------------------------------------------------------- config / tasks
 def cmd_config(args) -> int:
     from .train.config import dump_yaml, resolve
@@ -186,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, task_required=False)
     p.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("import-reference", help="convert a checkpoint of the published code into a run folder")
+    p.add_argument("checkpoint", metavar="CHECKPOINT.pt", help="a .pt file of github hackie123/CHIAR-former (loaded "
+                   "with weights_only=True: no pickled code runs)")
+    p.add_argument("--out", required=True, metavar="runs/NAME", help="run folder to create")
+    p.add_argument("--tau", type=float, default=None,
+                   help="threshold of a threshold-routed run (the 400M file's 0.8954 is known; the 17M runs' is not)")
+    p.add_argument("--task", default=None, help="task of the run folder (default: wikitext103, or imdb for 2 classes)")
+    p.add_argument("--routing", choices=("soft", "hard"), default=None,
+                   help="for files without cfg (LRA, mixed) whose routers are learned")
+    p.set_defaults(func=cmd_import_reference)
 
     p = sub.add_parser("tasks", help="list tasks and where their data comes from")
     p.set_defaults(func=cmd_tasks)
