@@ -1,9 +1,11 @@
 """Model core: the two execution paths agree, every causal configuration is causal, routing learns."""
 
+import math
 import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from chiarformer import ChiarConfig, ChiarForCausalLM, ChiarForSequenceClassification
@@ -27,7 +29,7 @@ def random_config(rng: random.Random, **fixed) -> ChiarConfig:
         dropout=0.0,
         layout=layout,
         routing=rng.choice(CAUSAL_ROUTINGS),
-        norm=rng.choice(["post", "pre"]),
+        norm=rng.choice(["post", "pre", "per_operator"]),
         meta_router=rng.choice(["none", "causal"]),
         rbf_features=rng.choice([8, 16]),
     )
@@ -198,6 +200,9 @@ def test_every_causal_configuration_is_causal(seed):
         routing=CAUSAL_ROUTINGS[seed % 3],
         execution=rng.choice(["sparse", "dense"]),
         dct_scale=rng.choice(["ortho", "reference"]),
+        entropy=rng.choice(["ortho", "reference"]),
+        straight_through=rng.choice(["chosen", "all"]),
+        dropout_placement=rng.choice(["sublayers", "reference"]),
     )
     model = build(ChiarForCausalLM, cfg, seed)
     for _ in range(3):
@@ -425,3 +430,86 @@ def test_meta_router_starts_at_its_init_and_is_causal_by_default():
     model = build(ChiarForCausalLM, cfg)
     out = model(torch.randint(0, cfg.vocab_size, (2, 12)))
     torch.testing.assert_close(out.meta_gate, torch.full((2, 12, 1), 0.22))
+
+
+# ---------------------------------------------------------------- published-code options
+def test_per_operator_norms_agree_sparse_and_dense_and_use_their_own_layernorm():
+    cfg = random_config(random.Random(21), layout="dct_attn", routing="threshold", norm="per_operator", max_seq_len=128)
+    model = build(ChiarForCausalLM, cfg).train()
+    with torch.no_grad():  # different LayerNorms per operator, as in every trained published checkpoint
+        for layer in model.model.layers:
+            for norm in layer.op_norms.values():
+                norm.weight.normal_(1.0, 0.3), norm.bias.normal_(0.1, 0.1)
+    dense = same_weights(model, cfg.replace(execution="dense")).train()
+    ids = torch.randint(0, cfg.vocab_size, (3, 128))
+    for m in (model, dense):
+        m(ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        a, b = model.eval()(ids, return_routing=True), dense.eval()(ids)
+    ops = a.routing[1].ops
+    assert (ops == ATTN).any() and (ops == DCT).any()
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+    for (name, p), q in zip(model.named_parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # each operator's LayerNorm is trained only by its own tokens: a layer with one route leaves the other's grad zero
+    only_dct = same_weights(model, cfg).train()
+    only_dct.set_taus([1.0] * len(cfg.routed_layers))
+    only_dct(ids, labels=ids).loss.backward()
+    assert not only_dct.model.layers[1].op_norms["attention"].weight.grad.any()
+    assert only_dct.model.layers[1].op_norms["dct"].weight.grad.any()
+
+
+def test_reference_entropy_weights_the_dc_coefficient_twice():
+    from chiarformer.ops import dct, reference_spectral_entropy, spectral_entropy
+
+    x = torch.randn(5, 64, dtype=torch.float64)
+    power = dct(x).square()
+    power[:, 0] *= 2
+    p = power / power.sum(-1, keepdim=True)
+    expected = -(p * p.log()).sum(-1) / torch.log(torch.tensor(64.0, dtype=torch.float64))
+    torch.testing.assert_close(reference_spectral_entropy(x).double(), expected, atol=1e-5, rtol=0)
+    centred = x - x.mean(-1, keepdim=True)  # no DC power: both definitions agree
+    torch.testing.assert_close(reference_spectral_entropy(centred), spectral_entropy(centred), atol=1e-5, rtol=0)
+    assert (reference_spectral_entropy(x + 1.0) - spectral_entropy(x + 1.0)).abs().min() > 1e-3
+
+
+@pytest.mark.parametrize("routing", ["threshold", "soft", "hard"])
+def test_published_collapse_form_is_a_constant_on_detached_gates(routing):
+    cfg = random_config(random.Random(22), layout="dct_attn", routing=routing, collapse_reg=0.01, collapse_form="reference")
+    model = build(ChiarForCausalLM, cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    out = model(ids, labels=ids)
+    expected = 0.0
+    for info in out.routing[1:3]:
+        gates = info.probs.detach() if routing == "soft" else torch.stack([info.ops == op for op in info.order], -1).float()
+        q = gates.reshape(-1, 2).mean(0)
+        expected += float((q * (q + 1e-8).log()).sum())
+    assert abs(float(out.aux_loss) - 0.01 * expected) < 1e-6 and not out.aux_loss.requires_grad
+    ours = same_weights(model, cfg.replace(collapse_form="probs")).train()(ids, labels=ids).aux_loss
+    assert ours.requires_grad == (routing != "threshold")
+
+
+def test_published_dropout_placement_keeps_head_weights_and_drops_in_the_head():
+    cfg = random_config(random.Random(23), layout="dct_attn", dropout=0.1, dropout_placement="reference")
+    model = ChiarForSequenceClassification(cfg)
+    assert model.head.dropout.p == 0.1 and model.model.layers[1].dropout.p == 0.0
+    assert model.model.layers[1].ffn.inner_dropout.p == 0.1
+    ours = ChiarForSequenceClassification(cfg.replace(dropout_placement="sublayers"))
+    assert ours.head.dropout.p == 0.0 and ours.model.layers[1].ffn.inner_dropout.p == 0.0
+    assert model.state_dict().keys() == ours.state_dict().keys() and "head.2.weight" in ours.state_dict()
+
+
+def test_published_rbf_operator_follows_its_equations():
+    cfg = random_config(random.Random(24), layout="D,DRA,A", n_layers=3, rbf="reference_quadratic", allow_noncausal=True,
+                        norm="per_operator")
+    layer = build(ChiarForCausalLM, cfg).model.layers[1]
+    x = torch.randn(2, 12, cfg.d_model)
+    omega, r = layer.rbf_ref.omega, cfg.rbf_features
+    assert omega.shape == (cfg.d_model, r)
+    angles = x @ omega / math.sqrt(r)
+    phi = torch.cat([angles.cos(), angles.sin()], -1)
+    mixed = torch.softmax(phi @ phi.transpose(1, 2), -1) @ phi  # every position, no mask
+    f = layer.rbf_ref.ffn
+    expected = f.down(F.gelu(f.up(layer.rbf_ref.proj(mixed))))
+    with torch.no_grad():
+        torch.testing.assert_close(layer.rbf_ref(x, None), expected, atol=1e-5, rtol=0)
