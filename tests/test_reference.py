@@ -6,7 +6,10 @@ written below from the published equations (SPEC §7), not with chiarformer's ow
 """
 
 import argparse
+import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,7 +116,7 @@ def rope_buffers(sd, prefix):
     sd[prefix + "rope.cos_cache"], sd[prefix + "rope.sin_cache"] = angles.cos(), angles.sin()
 
 
-def published_state(seed, routing="threshold", meta=True, baseline=False, n_classes=None):
+def published_state(seed, routing="threshold", meta=True, baseline=False, n_classes=None, vocab=V):
     """A trained-like state dict with the published key names: every LayerNorm different (with a
     shared bias offset, so hidden vectors have a non-zero feature mean and DC weighting matters)."""
     g = torch.Generator().manual_seed(seed)
@@ -129,7 +132,7 @@ def published_state(seed, routing="threshold", meta=True, baseline=False, n_clas
     def norm(name):
         sd[name + ".weight"], sd[name + ".bias"] = randn(D, std=0.3, mean=1.0), randn(D, std=0.1, mean=0.15)
 
-    sd["token_emb.weight"] = randn(V, D, std=0.5) + randn(D, std=0.3)
+    sd["token_emb.weight"] = randn(vocab, D, std=0.5) + randn(D, std=0.3)
     for i in range(L):
         ops = "A" if baseline else LAYERS[i]
         p = f"attns.{i}." if baseline else f"layers.{i}.attn."
@@ -364,3 +367,19 @@ def test_truncated_and_pickled_object_files_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "pickled objects" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+SHARED = Path(os.environ.get("CHIAR_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+@pytest.mark.skipif(not (SHARED / "wikitext2_raw" / "wiki.test.raw").is_file(), reason="shared WikiText-2 absent")
+def test_chiar_eval_runs_on_an_imported_model(tmp_path, capsys):
+    sd = published_state(8, "soft", meta=True, vocab=50257)
+    ckpt = {"step": 5, "model": sd, "val_ppl": 1.0, "cfg": {"vocab_size": 50257, "routing_mode": "soft"}}
+    run_dir = import_run(tmp_path, ckpt, "--task", "wikitext2-proxy")
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run_dir), "--split", "test", "--max-batches", "1", "--batch-size", "2",
+                 "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["tokens"] == 2 * CTX and record["protocol"]["stride"] == CTX  # C targets per published window
+    assert math.isfinite(record["loss"])
