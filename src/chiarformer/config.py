@@ -57,7 +57,7 @@ class ChiarConfig:
     n_layers: int = 4  # transformer layers
     d_ff: int = 0  # FFN hidden size; 0 means 4 * d_model (as published)
     max_seq_len: int = 256  # longest sequence accepted (RoPE has no hard limit; this is a guard)
-    dropout: float = 0.1  # on sub-layer outputs and attention weights (published 0.1)
+    dropout: float = 0.1  # dropout probability (published 0.1); where it applies: dropout_placement
 
     # --- which operator each layer may use ---
     layout: str = "dct_attn"  # baseline | dct_attn | three_op | dct_only | per-layer "D,DA,DRA,A"
@@ -67,7 +67,7 @@ class ChiarConfig:
     # layer; for three-operator layers each entry is a pair (tau_low, tau_high).
     tau: float | list | None = None
     attn_fraction: float = 0.25  # share of tokens sent to attention by routing="topk"
-    collapse_reg: float = 0.0  # lambda of the collapse regulariser (published 0.01); soft/hard only
+    collapse_reg: float = 0.0  # lambda of the collapse regulariser (published 0.01); soft/hard (see collapse_form)
     # probs: lambda * sum(u log u) of the mean router probabilities u (acts on the router) |
     # reference (published): the same on detached gates (one-hot for threshold/hard), threshold
     # mode included: a constant in the loss, no gradient (SPEC §7).
