@@ -311,3 +311,20 @@ def test_flops_from_a_run(trained_run, capsys):
     data = json.loads(capsys.readouterr().out)
     measured = summarize_run(trained_run).results["best"]["val"]["op_share"]
     assert data["chiar"]["attention_share_per_layer"] == pytest.approx([row[1] for row in measured])
+
+
+def test_embedding_entropies_follow_the_model_entropy_definition():
+    """The published calibration uses the published entropy (DC power weighted 2x) on embeddings."""
+    from chiarformer.analysis.calibrate import embedding_entropies
+    from chiarformer.analysis.common import Batch
+    from chiarformer.ops import reference_spectral_entropy, spectral_entropy
+
+    ids = torch.randint(0, 64, (2, 10))
+    for entropy, fn in (("ortho", spectral_entropy), ("reference", reference_spectral_entropy)):
+        torch.manual_seed(0)
+        model = ChiarForCausalLM(ChiarConfig.from_preset("tiny", vocab_size=64, entropy=entropy))
+        with torch.no_grad():
+            model.model.embed.weight.add_(0.05)  # a non-zero feature mean: the two definitions differ
+        got = embedding_entropies(model, [Batch(ids, None)])
+        np.testing.assert_allclose(got, fn(model.model.embed.weight[ids]).detach().reshape(-1).numpy(), atol=1e-6)
+    assert np.abs(got - spectral_entropy(model.model.embed.weight[ids]).reshape(-1).numpy()).max() > 1e-3

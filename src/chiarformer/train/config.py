@@ -97,7 +97,7 @@ class DataConfig:
 @dataclass
 class RunConfig:
     task: str = "listops"  # what to train on: one of chiarformer.train.tasks.TASKS
-    preset: str = "paper-17m"  # model preset the model section started from: paper-17m | paper-400m | reference-17m | reference-400m | tiny
+    preset: str = "paper-17m"  # model preset the model section started from: a name in config.PRESETS
     model: ChiarConfig = field(default_factory=ChiarConfig)  # the model (every ChiarConfig field)
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation, precision, logging, checkpoints
     data: DataConfig = field(default_factory=DataConfig)  # data source and shapes
