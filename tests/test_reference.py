@@ -371,6 +371,9 @@ def test_truncated_and_pickled_object_files_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "pickled objects" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    legacy = tmp_path / "legacy.pt"  # the pre-zip format cannot be memory-mapped: loaded without mmap
+    torch.save({"step": 1, "model": sd}, legacy, _use_new_zipfile_serialization=False)
+    assert main(["import-reference", str(legacy), "--out", str(tmp_path / "c"), "--tau", "0.9"]) == 0
 
 
 SHARED = Path(os.environ.get("CHIAR_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
