@@ -196,7 +196,7 @@ class ChiarModel(nn.Module):
             y, info = layer(x, pos, key_mask, cache, i, want_entropy)
             if i == 0 and self.meta_router is not None:
                 prefix = cache.meta_sum if cache is not None else None
-                gate, running_sum = self.meta_router(x, prefix, offset)
+                gate, running_sum = self.meta_router(x, prefix, offset, key_mask)
                 if cache is not None:
                     cache.meta_sum = running_sum
                 y = gate * y + (1 - gate) * x
@@ -290,27 +290,81 @@ class ChiarForCausalLM(ChiarPreTrained):
         return ModelOutput(logits, loss, self.aux_loss(routing, logits), routing, gate)
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
-        """Sample continuations with a KV cache. temperature=0 means greedy."""
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, attention_mask=None, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None, seed: int | None = None):
+        """Sample continuations with a KV cache; returns (B, prompt + generated) ids.
+
+        temperature=0 is greedy; otherwise logits / temperature, then top_k, then top_p (the
+        smallest set of tokens whose probability reaches top_p). Prompts of different lengths
+        are left-padded, with attention_mask 1 on real tokens. A sequence that produced
+        eos_token_id gets pad_token_id (default: the EOS id) from then on; decoding stops once
+        every sequence has. seed: a private generator, so the same seed gives the same samples
+        (the global RNG is untouched). Runs in eval mode (no dropout), then restores the mode.
+        """
         if self.cfg.routing == "topk" and self.cfg.routed_layers:
             raise UserError("routing='topk' ranks whole sequences and cannot decode token by token")
         if self.cfg.meta_router == "batch_mean":
             raise UserError("meta_router='batch_mean' mixes the batch and cannot decode token by token")
         if input_ids.shape[1] + max_new_tokens > self.cfg.max_seq_len:
             raise UserError(f"prompt + max_new_tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        cache = KVCache.empty(self.cfg.n_layers)
-        tokens, step_input = input_ids, input_ids
-        for _ in range(max_new_tokens):
-            logits = self(step_input, cache=cache).logits[:, -1].float()
-            if top_k is not None:
-                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if temperature == 0:
-                step_input = logits.argmax(-1, keepdim=True)
-            else:
-                step_input = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
-            tokens = torch.cat([tokens, step_input], dim=1)
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        if attention_mask is not None:
+            mask = attention_mask.to(input_ids.device, torch.bool)
+            # Left padding only: a pad after a real token would sit inside the sequence.
+            if not bool(mask[:, -1].all()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+                raise UserError("prompts of different lengths must be padded on the left (attention_mask 0 before 1)")
+        generator = torch.Generator(input_ids.device).manual_seed(seed) if seed is not None else None
+        pad = eos_token_id if pad_token_id is None else pad_token_id
+        was_training = self.training
+        self.eval()
+        try:
+            cache = KVCache.empty(self.cfg.n_layers)
+            tokens, step_input, step_mask = input_ids, input_ids, attention_mask
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for _ in range(max_new_tokens):
+                logits = self(step_input, attention_mask=step_mask, cache=cache).logits[:, -1].float()
+                step_mask = None  # new tokens are real; the cache keeps the prompt's mask
+                step_input = next_tokens(logits, temperature, top_k, top_p, generator)
+                if eos_token_id is not None:
+                    step_input = torch.where(done, pad, step_input)
+                    done |= step_input == eos_token_id
+                step_input = step_input[:, None]
+                tokens = torch.cat([tokens, step_input], dim=1)
+                if eos_token_id is not None and bool(done.all()):
+                    break
+        finally:
+            self.train(was_training)
         return tokens
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) ids from (B, V) float logits: argmax when temperature == 0, else a filtered sample."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ranked, order = logits.sort(dim=-1, descending=True)
+        probs = ranked.softmax(-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+        ranked = ranked.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ranked)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
 class ChiarForSequenceClassification(ChiarPreTrained):
