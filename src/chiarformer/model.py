@@ -234,6 +234,17 @@ class ModelOutput:
     meta_gate: torch.Tensor | None = None
 
 
+def init_module(module: nn.Module, std: float) -> None:
+    """N(0, std) for Linear and Embedding weights, zero biases; the MetaRouter's own init, which
+    overrides its Linear's, so a module must be initialised after its children."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, MetaRouter):
+        module.reset_parameters()
+
+
 class ChiarPreTrained(nn.Module):
     """Shared by both heads: init, parameter counts, taus, the collapse regulariser."""
 
@@ -243,13 +254,8 @@ class ChiarPreTrained(nn.Module):
         self.model = ChiarModel(cfg)
 
     def init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=self.cfg.init_std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        if self.model.meta_router is not None:
-            self.model.meta_router.reset_parameters()
+        for module in reversed(list(self.modules())):  # children before parents (see init_module)
+            init_module(module, self.cfg.init_std)
 
     def num_parameters(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())

@@ -6,6 +6,7 @@ ordered by the entropy they serve: DCT (smooth, low H) < RBF < attention (high H
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -109,8 +110,7 @@ class MetaRouter(nn.Module):
     def reset_parameters(self) -> None:
         """Zero weights and bias logit(g0), so the gate starts at exactly meta_gate_init."""
         nn.init.zeros_(self.gate.weight)
-        g0 = torch.tensor(self.gate_init)
-        nn.init.constant_(self.gate.bias, float(torch.log(g0 / (1 - g0))))
+        nn.init.constant_(self.gate.bias, math.log(self.gate_init / (1 - self.gate_init)))  # no tensor: works on meta
 
     def forward(self, x: torch.Tensor, prefix_sum: torch.Tensor | None, prefix_len: int,
                 key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
