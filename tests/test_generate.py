@@ -1,12 +1,19 @@
-"""ChiarForCausalLM.generate: eval mode, EOS, top-p, seeds, left-padded batches, cached == uncached."""
+"""ChiarForCausalLM.generate (eval mode, EOS, top-p, seeds, left-padded batches, cached == uncached) and `chiar generate`."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from chiarformer import ChiarConfig, ChiarForCausalLM
+from chiarformer.cli import main
 from chiarformer.config import RBF
 from chiarformer.errors import UserError
 from chiarformer.model import KVCache, next_tokens
+from chiarformer.train.runs import load_run
+
+from corpus import train_tiny_lm
 
 # Routed layouts with a causal MetaRouter (its prefix mean must skip padding); the taus sit
 # inside the entropy spread of these small random models, so both operators are chosen.
@@ -143,3 +150,60 @@ def test_bad_sampling_arguments_and_right_padding_are_clear_errors():
     with pytest.raises(UserError, match="left"):
         model.generate(prompt, max_new_tokens=2, attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
 
+
+
+# ---------------------------------------------------------------- chiar generate
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return train_tiny_lm(tmp_path_factory.mktemp("generate"))
+
+
+def test_generate_command_samples_reproducibly_and_shows_routing(run, tmp_path, capsys):
+    argv = ["generate", "--run", str(run), "the cat", "--max-new-tokens", "12", "--top-k", "20", "--top-p", "0.9",
+            "--num-samples", "2", "--seed", "5"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first  # same seed, same samples
+    assert first.count("--- sample") == 2 and first.count("\nthe cat") + first.startswith("the cat") == 2
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the dog")
+    assert main(["generate", "--run", str(run), "--prompt-file", str(prompt), "--temperature", "0",
+                 "--max-new-tokens", "6", "--show-routing"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    loaded = load_run(run)
+    greedy = loaded.model.generate(torch.tensor([loaded.tokenizer.encode("the dog")]), 6, temperature=0,
+                                   eos_token_id=loaded.tokenizer.eot_id)
+    generated = greedy[0, 7:].tolist()
+    assert lines[0] == "the dog" + loaded.tokenizer.decode(generated)
+    assert lines[1].split() == ["#", "token", "L2:DA"]  # dct_attn with 3 layers: layer 2 routes D/A
+    rows = lines[2 : 2 + len(generated)]
+    with torch.no_grad():
+        ops = loaded.model(greedy, return_routing=True).routing[1].ops[0, 7:].tolist()
+    assert [row.split()[-1] for row in rows] == ["DAR"[op] for op in ops]
+    assert lines[2 + len(generated)].startswith("generated tokens to attention: L2 ")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--prompt-file", "missing.txt"], "not found"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--max-new-tokens", "1000"], "max_seq_len"),
+    (["--num-samples", "0"], "num-samples"),
+])
+def test_generate_command_errors_are_one_line(run, capsys, argv, fragment):
+    assert main(["generate", "--run", str(run), "x", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
+
+
+def test_core_imports_without_transformers_and_export_names_the_extra(run, tmp_path):
+    script = f"""
+import sys
+sys.modules["transformers"] = None  # as if not installed
+import chiarformer, chiarformer.cli
+code = chiarformer.cli.main(["export", "--run", {str(run)!r}, "--out", {str(tmp_path / "out")!r}])
+sys.exit(code)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and 'pip install -e ".[hf]"' in proc.stderr, proc.stderr
