@@ -60,6 +60,11 @@ def test_save_and_load_with_auto_classes_keeps_the_logits(tmp_path):
         loss = back(ids, labels=ids).loss
     torch.testing.assert_close(loss, ours(ids, labels=ids).loss)
 
+    # A language model as the backbone of a new classifier: its weights kept, a fresh N(0, 0.02) head.
+    started = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=5)
+    assert torch.equal(started.chiar.model.embed.weight, ours.model.embed.weight)
+    assert started.chiar.head[2].weight.shape == (5, 32) and 0.01 < float(started.chiar.head[0].weight.detach().std()) < 0.03
+
     classifier = routed_model(ChiarForSequenceClassification, n_classes=3)
     H.wrap(classifier).save_pretrained(tmp_path / "cls")
     back = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls").eval()

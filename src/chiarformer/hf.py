@@ -130,9 +130,10 @@ class ChiarHFForCausalLM(ChiarHFPreTrained, GenerationMixin):
         return None  # logits use the embedding matrix directly; there is no separate head to tie
 
     def forward(self, input_ids, attention_mask=None, labels=None, cache=None, past_key_values=None,
-                use_cache: bool = False, return_dict: bool | None = None, **kwargs):
+                use_cache: bool = False, **kwargs):
         """Logits and loss as ChiarForCausalLM's. attention_mask covers the cached tokens too (as
-        transformers passes it); position_ids are not needed: RoPE positions follow the cache."""
+        transformers passes it). Other keywords (position_ids, return_dict, ...) are accepted and
+        not needed: RoPE positions follow the cache, and outputs are always a ModelOutput."""
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = ChiarCache(self.config.n_layers)
@@ -149,7 +150,7 @@ class ChiarHFForSequenceClassification(ChiarHFPreTrained):
         self.chiar = ChiarForSequenceClassification(config.chiar_config.replace(n_classes=config.num_labels))
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, labels=None, return_dict: bool | None = None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
         out = self.chiar(input_ids, attention_mask=attention_mask, labels=labels)
         return SequenceClassifierOutput(loss=out.loss, logits=out.logits)
 

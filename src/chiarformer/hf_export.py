@@ -76,15 +76,19 @@ def export_run(run_dir: str | Path, out: str | Path, which: str = "best") -> lis
     run = load_run(run_dir, which)
     model = hf.wrap(run.model)
     written = []
-    if run.tokenizer is not None and getattr(run.tokenizer, "name", None) in ("gpt2", "bytes"):
+    name = getattr(run.tokenizer, "name", None)
+    if name in ("gpt2", "bytes"):
         tok = hf_tokenizer(run.tokenizer)
         model.config.eos_token_id = model.config.bos_token_id = model.config.pad_token_id = run.tokenizer.eot_id
         model.generation_config.eos_token_id = model.generation_config.pad_token_id = run.tokenizer.eot_id
         tok.model_max_length = run.model.cfg.max_seq_len
         tok.save_pretrained(out)
         written.append(f"tokenizer ({run.tokenizer.name})")
+    elif run.tokenizer is None:
+        print("note: the run's tokenizer could not be loaded here (GPT-2 files not found?); exported the model only",
+              file=sys.stderr)
     else:
-        print(f"note: the run's tokenizer ({type(run.tokenizer).__name__}) has no Hugging Face form; "
+        print(f"note: the run's tokenizer ({name or type(run.tokenizer).__name__}) has no Hugging Face form; "
               "exported the model only", file=sys.stderr)
     model.save_pretrained(out)
     written.insert(0, f"{type(model).__name__} ({run.which} checkpoint, step {run.step})")
