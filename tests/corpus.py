@@ -35,7 +35,7 @@ def train_tiny_lm(root: Path, *extra: str) -> Path:
     train = write_corpus(root / "train.txt", 6000, 0)
     val = write_corpus(root / "val.txt", 1500, 1)
     sets = TINY + [f"data.train_files=[{train}]", f"data.val_files=[{val}]", f"data.test_files=[{val}]",
-                   f"data.cache_dir={root / 'cache'}", "train.max_steps=20", "train.eval_every=10", *extra]
+                   f"data.cache_dir={root / 'cache'}", "train.max_steps=10", "train.eval_every=5", *extra]
     run = root / "run"
     assert main(["train", "--task", "text", "--model", "dct_attn", *set_args(sets), "--out", str(run), "--quiet"]) == 0
     return run

@@ -10,7 +10,8 @@ from chiarformer import ChiarConfig, ChiarForCausalLM
 from chiarformer.cli import main
 from chiarformer.config import RBF
 from chiarformer.errors import UserError
-from chiarformer.model import KVCache, next_tokens
+from chiarformer.model import KVCache
+from chiarformer.sampling import next_tokens
 from chiarformer.train.runs import load_run
 
 from corpus import train_tiny_lm
