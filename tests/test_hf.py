@@ -16,6 +16,7 @@ import chiarformer.hf as H  # noqa: E402
 from chiarformer import ChiarConfig, ChiarForCausalLM, ChiarForSequenceClassification  # noqa: E402
 from chiarformer.cli import main  # noqa: E402
 from chiarformer.data.tokenizer import ByteTokenizer  # noqa: E402
+from chiarformer.errors import UserError  # noqa: E402
 from chiarformer.hf_export import hf_tokenizer  # noqa: E402
 
 from corpus import train_tiny_lm  # noqa: E402
@@ -27,7 +28,8 @@ SMALL = dict(vocab_size=61, d_model=32, n_heads=2, n_layers=4, max_seq_len=64, d
 def routed_model(cls=ChiarForCausalLM, **overrides):
     torch.manual_seed(0)
     model = cls(ChiarConfig(**{**SMALL, **overrides})).eval()
-    torch.nn.init.normal_(model.model.meta_router.gate.weight, std=1.0)  # a gate that depends on its input
+    if model.model.meta_router is not None:  # a gate that depends on its input
+        torch.nn.init.normal_(model.model.meta_router.gate.weight, std=1.0)
     return model
 
 
@@ -94,9 +96,16 @@ def test_hf_generate_with_cache_matches_ours_and_uncached_decoding():
     assert torch.equal(hf.generate(ids, **beams), hf.generate(ids, use_cache=False, **beams))
 
 
+def test_hf_generate_refuses_routes_that_need_the_whole_sequence():
+    topk = H.wrap(routed_model(routing="topk", tau=None, meta_router="none", allow_noncausal=True))
+    ids = torch.randint(0, 61, (1, 5))
+    with pytest.raises(UserError, match="topk"):
+        topk.generate(ids, max_new_tokens=2)
+    assert topk.generate(ids, max_new_tokens=2, use_cache=False).shape == (1, 7)  # whole-sequence passes are fine
+
+
 def test_exported_tokenizers_give_our_ids(tmp_path):
     from chiarformer.data import gpt2_tokenizer
-    from chiarformer.errors import UserError
 
     text = "Hello world! The café's naïve coöperation, 12,345 items.\n\n  Spaces  and\ttabs; 日本語"
     tokenizers = [ByteTokenizer()]

@@ -137,7 +137,10 @@ class ChiarHFForCausalLM(ChiarHFPreTrained, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = ChiarCache(self.config.n_layers)
-        state = cache.state if cache is not None else None
+        state = None
+        if cache is not None:
+            self.chiar.check_decodable()
+            state = cache.state
         if attention_mask is not None and state is not None:
             attention_mask = attention_mask[:, -input_ids.shape[1] :]
         out = self.chiar(input_ids, labels=labels, attention_mask=attention_mask, cache=state)

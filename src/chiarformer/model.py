@@ -296,6 +296,13 @@ class ChiarForCausalLM(ChiarPreTrained):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return ModelOutput(logits, loss, self.aux_loss(routing, logits), routing, gate)
 
+    def check_decodable(self) -> None:
+        """Refuse token-by-token decoding (a KV cache) where a token's route depends on later tokens."""
+        if self.cfg.routing == "topk" and self.cfg.routed_layers:
+            raise UserError("routing='topk' ranks whole sequences and cannot decode token by token")
+        if self.cfg.meta_router == "batch_mean":
+            raise UserError("meta_router='batch_mean' mixes the batch and cannot decode token by token")
+
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, attention_mask=None, eos_token_id: int | None = None,
@@ -309,10 +316,7 @@ class ChiarForCausalLM(ChiarPreTrained):
         every sequence has. seed: a private generator, so the same seed gives the same samples
         (the global RNG is untouched). Runs in eval mode (no dropout), then restores the mode.
         """
-        if self.cfg.routing == "topk" and self.cfg.routed_layers:
-            raise UserError("routing='topk' ranks whole sequences and cannot decode token by token")
-        if self.cfg.meta_router == "batch_mean":
-            raise UserError("meta_router='batch_mean' mixes the batch and cannot decode token by token")
+        self.check_decodable()
         if input_ids.shape[1] + max_new_tokens > self.cfg.max_seq_len:
             raise UserError(f"prompt + max_new_tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         check_sampling(max_new_tokens, temperature, top_k, top_p)
