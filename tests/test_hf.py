@@ -67,6 +67,12 @@ def test_save_and_load_with_auto_classes_keeps_the_logits(tmp_path):
     assert torch.equal(started.chiar.model.embed.weight, ours.model.embed.weight)
     assert started.chiar.head[2].weight.shape == (5, 32) and 0.01 < float(started.chiar.head[0].weight.detach().std()) < 0.03
 
+    # The loss to train on includes the collapse regulariser, as in chiarformer's training loop.
+    soft = routed_model(routing="soft", tau=None, collapse_reg=0.01)
+    out = soft(ids, labels=ids)
+    assert float(out.aux_loss.detach()) != 0.0
+    torch.testing.assert_close(H.wrap(soft)(ids, labels=ids).loss, out.loss + out.aux_loss)
+
     classifier = routed_model(ChiarForSequenceClassification, n_classes=3)
     H.wrap(classifier).save_pretrained(tmp_path / "cls")
     back = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls").eval()

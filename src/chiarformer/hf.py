@@ -144,7 +144,7 @@ class ChiarHFForCausalLM(ChiarHFPreTrained, GenerationMixin):
         if attention_mask is not None and state is not None:
             attention_mask = attention_mask[:, -input_ids.shape[1] :]
         out = self.chiar(input_ids, labels=labels, attention_mask=attention_mask, cache=state)
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, **{CACHE_FIELD: cache})
+        return CausalLMOutputWithPast(loss=training_loss(out), logits=out.logits, **{CACHE_FIELD: cache})
 
 
 class ChiarHFForSequenceClassification(ChiarHFPreTrained):
@@ -155,7 +155,13 @@ class ChiarHFForSequenceClassification(ChiarHFPreTrained):
 
     def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
         out = self.chiar(input_ids, attention_mask=attention_mask, labels=labels)
-        return SequenceClassifierOutput(loss=out.loss, logits=out.logits)
+        return SequenceClassifierOutput(loss=training_loss(out), logits=out.logits)
+
+
+def training_loss(out) -> torch.Tensor | None:
+    """Cross-entropy plus the collapse regulariser (zero unless collapse_reg is set): what
+    transformers' Trainer should minimise, as chiarformer's training loop does."""
+    return None if out.loss is None else out.loss + out.aux_loss
 
 
 def wrap(model: ChiarForCausalLM | ChiarForSequenceClassification) -> ChiarHFPreTrained:
