@@ -26,8 +26,10 @@ def sample_run(run, prompt: str, *, max_new_tokens: int = 50, temperature: float
     tok = run.tokenizer
     if run.kind != "lm":
         raise UserError(f"{run.run_dir} is a classification run; chiar generate needs a language-model run")
-    if tok is None:
-        raise UserError(f"the tokenizer of {run.run_dir} is not available, so its text cannot be encoded")
+    if tok is None:  # load_run keeps going without it; loading it again raises the reason (and the fix)
+        from .train.tasks import tokenizer_for
+
+        tok = run.tokenizer = tokenizer_for(run.run_config)
     if num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
     ids = tok.encode(prompt) or [tok.eot_id]  # an empty prompt starts from end-of-text, as GPT-2 does
