@@ -26,3 +26,16 @@ TINY = ["model.d_model=32", "model.n_layers=3", "model.n_heads=2", "data.seq_len
 def set_args(sets: list[str]) -> list[str]:
     """Overrides as `chiar` arguments: --set a --set b ..."""
     return [x for s in sets for x in ("--set", s)]
+
+
+def train_tiny_lm(root: Path, *extra: str) -> Path:
+    """A short real training run (byte-level dct_attn LM) on write_corpus text; returns the run folder."""
+    from chiarformer.cli import main
+
+    train = write_corpus(root / "train.txt", 6000, 0)
+    val = write_corpus(root / "val.txt", 1500, 1)
+    sets = TINY + [f"data.train_files=[{train}]", f"data.val_files=[{val}]", f"data.test_files=[{val}]",
+                   f"data.cache_dir={root / 'cache'}", "train.max_steps=10", "train.eval_every=5", *extra]
+    run = root / "run"
+    assert main(["train", "--task", "text", "--model", "dct_attn", *set_args(sets), "--out", str(run), "--quiet"]) == 0
+    return run

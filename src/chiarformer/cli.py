@@ -6,8 +6,11 @@
     chiar config --task T [...]           print the resolved, commented configuration (a starting YAML)
     chiar tasks                           list the tasks and where their data comes from
     chiar import-reference FILE.pt --out runs/NAME [--tau T] [--task T]   a published checkpoint as a run
+    chiar generate --run runs/NAME "prompt" [--max-new-tokens N --temperature T --top-k K --top-p P ...]
+    chiar export --run runs/NAME --out DIR  a Hugging Face folder (needs the hf extra)
 
-Analysis subcommands (calibrate, route, flops, report) are added by chiarformer.analysis.cli.
+Analysis subcommands (calibrate, route, flops, report) are added by chiarformer.analysis.cli, generate by
+chiarformer.textgen, export by chiarformer.hf_export.
 Multi-GPU: `torchrun --nproc_per_node=8 -m chiarformer.cli train ...` (see docs/training.md).
 
 User mistakes raise `UserError`: one line `error: ...` on stderr and exit status 2, no traceback.
@@ -229,9 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_plugins(sub) -> None:
+    from . import hf_export, textgen
     from .analysis import cli as analysis_cli
 
     analysis_cli.register(sub)
+    textgen.register(sub)
+    hf_export.register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -237,5 +237,8 @@ class TokenMixer(nn.Module):
                 causal_mask = torch.arange(start, stop, device=q.device) <= torch.arange(q_lo, stop, device=q.device)[:, None]
                 outputs.append(fq_c @ state + (scores * causal_mask) @ v[:, :, start:stop])
             state = state + fk[:, :, start:stop].transpose(-1, -2) @ v[:, :, start:stop]
-        count = torch.arange(offset + 1, n_k + 1, device=q.device, dtype=q.dtype)[:, None]
+        if key_mask is None:
+            count = torch.arange(offset + 1, n_k + 1, device=q.device, dtype=q.dtype)[:, None]
+        else:  # real keys only, so left padding does not dilute the average
+            count = key_mask.cumsum(-1)[:, None, offset:, None].clamp_min(1).to(q.dtype)
         return torch.cat(outputs, dim=2) / count

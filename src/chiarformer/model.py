@@ -22,6 +22,7 @@ from .gather import merge_rows
 from .layers import DCTMixer, FeedForward, ReferenceRBF, TokenMixer, round_up
 from .ops import reference_spectral_entropy, spectral_entropy
 from .routing import Decision, MetaRouter, Router, RoutingInfo, collapse_penalty, reference_collapse_penalty
+from .sampling import check_sampling, next_tokens
 
 
 @dataclass
@@ -229,7 +230,7 @@ class ChiarModel(nn.Module):
             y, info = layer(x, pos, key_mask, cache, i, want_entropy)
             if i == 0 and self.meta_router is not None:
                 prefix = cache.meta_sum if cache is not None else None
-                gate, running_sum = self.meta_router(x, prefix, offset)
+                gate, running_sum = self.meta_router(x, prefix, offset, key_mask)
                 if cache is not None:
                     cache.meta_sum = running_sum
                 y = gate * y + (1 - gate) * x
@@ -278,6 +279,17 @@ class ModelOutput:
     meta_gate: torch.Tensor | None = None
 
 
+def init_module(module: nn.Module, std: float) -> None:
+    """N(0, std) for Linear and Embedding weights, zero biases; the MetaRouter's own init, which
+    overrides its Linear's, so a module must be initialised after its children."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, MetaRouter):
+        module.reset_parameters()
+
+
 class ChiarPreTrained(nn.Module):
     """Shared by both heads: init, parameter counts, taus, the collapse regulariser."""
 
@@ -287,13 +299,8 @@ class ChiarPreTrained(nn.Module):
         self.model = ChiarModel(cfg)
 
     def init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=self.cfg.init_std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        if self.model.meta_router is not None:
-            self.model.meta_router.reset_parameters()
+        for module in reversed(list(self.modules())):  # children before parents (see init_module)
+            init_module(module, self.cfg.init_std)
 
     def num_parameters(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())
@@ -336,27 +343,58 @@ class ChiarForCausalLM(ChiarPreTrained):
             loss = F.cross_entropy(predictions.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return ModelOutput(logits, loss, self.aux_loss(routing, logits), routing, gate)
 
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
-        """Sample continuations with a KV cache. temperature=0 means greedy."""
+    def check_decodable(self) -> None:
+        """Refuse token-by-token decoding (a KV cache) where a token's route depends on later tokens."""
         if self.cfg.routing == "topk" and self.cfg.routed_layers:
             raise UserError("routing='topk' ranks whole sequences and cannot decode token by token")
         if self.cfg.meta_router == "batch_mean":
             raise UserError("meta_router='batch_mean' mixes the batch and cannot decode token by token")
+        if self.cfg.rbf == "reference_quadratic" and any(RBF in ops for ops in self.cfg.layer_ops):
+            raise UserError("rbf='reference_quadratic' mixes all positions of a sequence and cannot decode token by token")
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, attention_mask=None, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None, seed: int | None = None):
+        """Sample continuations with a KV cache; returns (B, prompt + generated) ids.
+
+        temperature=0 is greedy; otherwise logits / temperature, then top_k, then top_p (the
+        smallest set of tokens whose probability reaches top_p). Prompts of different lengths
+        are left-padded, with attention_mask 1 on real tokens. A sequence that produced
+        eos_token_id gets pad_token_id (default: the EOS id) from then on; decoding stops once
+        every sequence has. seed: a private generator, so the same seed gives the same samples
+        (the global RNG is untouched). Runs in eval mode (no dropout), then restores the mode.
+        """
+        self.check_decodable()
         if input_ids.shape[1] + max_new_tokens > self.cfg.max_seq_len:
             raise UserError(f"prompt + max_new_tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        cache = KVCache.empty(self.cfg.n_layers)
-        tokens, step_input = input_ids, input_ids
-        for _ in range(max_new_tokens):
-            logits = self(step_input, cache=cache).logits[:, -1].float()
-            if top_k is not None:
-                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if temperature == 0:
-                step_input = logits.argmax(-1, keepdim=True)
-            else:
-                step_input = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
-            tokens = torch.cat([tokens, step_input], dim=1)
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        if attention_mask is not None:
+            mask = attention_mask.to(input_ids.device, torch.bool)
+            # Left padding only: a pad after a real token would sit inside the sequence.
+            if not bool(mask[:, -1].all()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+                raise UserError("prompts of different lengths must be padded on the left (attention_mask 0 before 1)")
+        generator = torch.Generator(input_ids.device).manual_seed(seed) if seed is not None else None
+        pad = eos_token_id if pad_token_id is None else pad_token_id
+        was_training = self.training
+        self.eval()
+        try:
+            cache = KVCache.empty(self.cfg.n_layers)
+            tokens, step_input, step_mask = input_ids, input_ids, attention_mask
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for _ in range(max_new_tokens):
+                logits = self(step_input, attention_mask=step_mask, cache=cache).logits[:, -1].float()
+                step_mask = None  # new tokens are real; the cache keeps the prompt's mask
+                step_input = next_tokens(logits, temperature, top_k, top_p, generator)
+                if eos_token_id is not None:
+                    step_input = torch.where(done, pad, step_input)
+                    done |= step_input == eos_token_id
+                step_input = step_input[:, None]
+                tokens = torch.cat([tokens, step_input], dim=1)
+                if eos_token_id is not None and bool(done.all()):
+                    break
+        finally:
+            self.train(was_training)
         return tokens
 
 

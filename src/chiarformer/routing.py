@@ -144,15 +144,25 @@ class MetaRouter(nn.Module):
     def reset_parameters(self) -> None:
         """Zero weights and bias logit(g0), so the gate starts at exactly meta_gate_init."""
         nn.init.zeros_(self.gate.weight)
-        nn.init.constant_(self.gate.bias, math.log(self.gate_init / (1 - self.gate_init)))
+        nn.init.constant_(self.gate.bias, math.log(self.gate_init / (1 - self.gate_init)))  # no tensor: works on meta
 
-    def forward(self, x: torch.Tensor, prefix_sum: torch.Tensor | None, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gate (B, T, 1) or (1, 1, 1), and the running sum to cache for generation."""
+    def forward(self, x: torch.Tensor, prefix_sum: torch.Tensor | None, prefix_len: int,
+                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate (B, T, 1) or (1, 1, 1), and the running sum to cache for generation.
+
+        key_mask (B, prefix_len + T) marks real tokens: padding (left-padded prompts) is left
+        out of the causal mean, so a padded prompt gets the gates it gets alone.
+        """
         if self.mode == "batch_mean":
             return torch.sigmoid(self.gate(x.mean(dim=(0, 1), keepdim=True))), None
+        if key_mask is None:
+            counts = torch.arange(prefix_len + 1, prefix_len + x.shape[1] + 1, device=x.device, dtype=x.dtype)[:, None]
+        else:
+            real = key_mask[:, -x.shape[1] :, None]
+            x = x * real.to(x.dtype)
+            counts = key_mask.cumsum(1)[:, -x.shape[1] :, None].clamp_min(1).to(x.dtype)
         sums = x.cumsum(dim=1)
         if prefix_sum is not None:
             sums = sums + prefix_sum[:, None]
-        counts = torch.arange(prefix_len + 1, prefix_len + x.shape[1] + 1, device=x.device, dtype=x.dtype)
-        return torch.sigmoid(self.gate(sums / counts[:, None])), sums[:, -1]
+        return torch.sigmoid(self.gate(sums / counts)), sums[:, -1]
 

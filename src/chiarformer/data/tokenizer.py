@@ -82,7 +82,7 @@ class GPT2Tokenizer:
 
     name = "gpt2"
 
-    def __init__(self, mergeable_ranks: dict[bytes, int], source: str):
+    def __init__(self, mergeable_ranks: dict[bytes, int], source: str, files: tuple[Path, Path] | None = None):
         import tiktoken
         from tiktoken_ext.openai_public import r50k_pat_str
 
@@ -90,6 +90,7 @@ class GPT2Tokenizer:
             "gpt2", pat_str=r50k_pat_str, mergeable_ranks=mergeable_ranks, special_tokens={EOT: 50256}, explicit_n_vocab=50257
         )
         self.source = source  # where the files came from, for messages and protocols
+        self.files = files  # (encoder json, merges) when read from disk; `chiar export` copies the vocabulary
         self.vocab_size = self._enc.n_vocab
         self.eot_id = self._enc.eot_token
         self.pad_id = self.eot_id  # padding is always masked, so any id works; GPT-2 has no pad
@@ -235,7 +236,7 @@ def _load_files(encoder_json: Path, merges: Path) -> GPT2Tokenizer:
         raise UserError(f"{encoder_json} and {merges} are not a matching GPT-2 vocabulary ({type(e).__name__})") from None
     if len(ranks) != 50256:
         raise UserError(f"{encoder_json} holds {len(ranks)} merged tokens, GPT-2 has 50256")
-    return GPT2Tokenizer(ranks, str(encoder_json.parent))
+    return GPT2Tokenizer(ranks, str(encoder_json.parent), (encoder_json, merges))
 
 
 def _fingerprint(ranks: dict[bytes, int], pattern: str) -> str:
