@@ -1,0 +1,274 @@
+"""`chiar download`: fetch a dataset or the GPT-2 tokenizer into the data folder, checked.
+
+    chiar download wikitext2 | wikitext103 | imdb | gpt2-tokenizer [--to DIR]
+    download("wikitext2", to=None)        # the same from Python; returns the folder written
+
+- wikitext2, wikitext103: the Hugging Face dataset Salesforce/wikitext, config
+  wikitext-{2,103}-raw-v1 (`--variant tokens`: wikitext-{2,103}-v1), its parquet files -> DIR/<config>/
+- imdb: the Hugging Face dataset stanfordnlp/imdb, plain_text/{train,test}-*.parquet -> DIR/imdb/plain_text/
+- gpt2-tokenizer: OpenAI's encoder.json and vocab.bpe (the files tiktoken downloads) -> DIR/gpt2_tokenizer/
+(DIR = --to, else the data folder.)
+These are the folders the loaders search (wikitext.py, imdb.py, tokenizer.py). The Hugging Face
+files come from a pinned commit of each repository (REVISIONS), so every user gets the same bytes.
+
+Checks, before a file takes its final name (a file that fails is deleted and the command fails):
+- Hugging Face files: the size and SHA-256 the hub's tree API publishes for the file (its LFS
+  object id; the git blob id for a file outside LFS); then pyarrow must read the parquet footer,
+  which must list the expected columns and, summed over a split's shards, the split's row count
+  on the dataset card (ROWS).
+- GPT-2 files: the sizes and SHA-256 values tiktoken pins for them (GPT2_FILES).
+Bytes arrive in NAME.part; an interrupted download resumes from there (HTTP Range) when the
+same command runs again, and a verified file already in place is not fetched again.
+
+Hosts: the hub from --endpoint, else HF_ENDPOINT (the variable huggingface_hub reads; a mirror),
+else https://huggingface.co; the GPT-2 files from --endpoint, else OpenAI's public blob store.
+Nothing else is needed: plain HTTPS through urllib, no Hugging Face package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from .files import data_dir
+from .wikitext import hf_config
+
+NAMES = ("wikitext2", "wikitext103", "imdb", "gpt2-tokenizer")
+HUB = "https://huggingface.co"
+GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
+# (bytes, sha256) of OpenAI's GPT-2 files, as pinned by tiktoken (tiktoken_ext/openai_public.py, gpt2).
+GPT2_FILES = {
+    "encoder.json": (1042301, "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "vocab.bpe": (456318, "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+# The commit each repository is read at: the one `datasets` resolves these configs to.
+REVISIONS = {"Salesforce/wikitext": "b08601e04326c79dfdd32d625aee71d232d685c3",
+             "stanfordnlp/imdb": "e6281661ce1c48d982bc483cf8a173c1bbeb5d31"}
+# Rows per split on the dataset cards (WikiText: one row per line of the official files).
+_WIKITEXT_ROWS = {"2": {"train": 36718, "validation": 3760, "test": 4358},
+                  "103": {"train": 1801350, "validation": 3760, "test": 4358}}
+ROWS = {"imdb": {"train": 25000, "test": 25000}}  # the 50k unlabelled reviews are not used
+TIMEOUT_S = 30.0
+_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class HubFiles:
+    """The parquet files of one dataset config on the hub and what they must hold."""
+
+    repo: str
+    folder: str  # folder inside the repository
+    dest: str  # folder under DIR
+    columns: tuple[str, ...]
+    rows: dict[str, int]  # split -> rows; only these splits are fetched
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    url: str
+    dest: Path
+    size: int
+    sha256: str | None = None  # for LFS files and pinned files
+    git_oid: str | None = None  # sha1 git blob id, for small files outside LFS
+
+
+def hub_files(name: str, variant: str = "raw") -> HubFiles:
+    if name in ("wikitext2", "wikitext103"):
+        version = name.removeprefix("wikitext")
+        config = hf_config(version, variant)
+        return HubFiles("Salesforce/wikitext", config, config, ("text",), _WIKITEXT_ROWS[version])
+    if name == "imdb":
+        return HubFiles("stanfordnlp/imdb", "plain_text", "imdb/plain_text", ("text", "label"), ROWS["imdb"])
+    raise UserError(f"unknown download {name!r}; choose one of: {', '.join(NAMES)}")
+
+
+def download(name: str, to: str | os.PathLike | None = None, variant: str = "raw", endpoint: str | None = None,
+             quiet: bool = False) -> Path:
+    """Fetch `name` (see NAMES) into `to` (default: the data folder); returns the folder written."""
+    if name not in NAMES:
+        raise UserError(f"unknown download {name!r}; choose one of: {', '.join(NAMES)}")
+    if variant not in ("raw", "tokens"):
+        raise UserError(f"unknown variant {variant!r}; choose raw or tokens")
+    if variant != "raw" and not name.startswith("wikitext"):
+        raise UserError(f"--variant applies to WikiText only, not {name}")
+    root = Path(to).expanduser() if to is not None else data_dir()
+    if name == "gpt2-tokenizer":
+        base = (endpoint or GPT2_URL).rstrip("/")
+        folder = root / "gpt2_tokenizer"
+        for fname, (size, sha) in GPT2_FILES.items():
+            fetch(RemoteFile(f"{base}/{fname}", folder / fname, size, sha256=sha), quiet)
+        return folder
+    spec = hub_files(name, variant)
+    host = (endpoint or os.environ.get("HF_ENDPOINT") or HUB).rstrip("/")
+    folder = root / spec.dest
+    by_split = _list_hub_files(host, spec, folder)
+    for split, files in by_split.items():
+        for f in files:
+            fetch(f, quiet)
+        _check_parquet_split(spec, split, [f.dest for f in files])
+    return folder
+
+
+def _list_hub_files(host: str, spec: HubFiles, folder: Path) -> dict[str, list[RemoteFile]]:
+    """The split's parquet files with the sizes and checksums the hub's tree API publishes."""
+    revision = REVISIONS[spec.repo]
+    url = f"{host}/api/datasets/{spec.repo}/tree/{revision}/{urllib.parse.quote(spec.folder)}"
+    try:
+        entries = json.loads(_open(url).read())
+    except (ValueError, OSError) as e:  # OSError covers a connection that breaks while reading
+        raise UserError(f"could not read the file list at {url} ({e})") from None
+    by_split: dict[str, list[RemoteFile]] = {split: [] for split in spec.rows}
+    for entry in entries if isinstance(entries, list) else []:
+        path = str(entry.get("path", ""))
+        fname = path.rsplit("/", 1)[-1]
+        split = fname.split("-", 1)[0]
+        if entry.get("type") != "file" or split not in by_split or not fname.endswith(".parquet"):
+            continue
+        lfs = entry.get("lfs") or {}
+        by_split[split].append(RemoteFile(
+            f"{host}/datasets/{spec.repo}/resolve/{revision}/{urllib.parse.quote(path)}", folder / fname,
+            int(entry["size"]), sha256=lfs.get("oid"), git_oid=None if lfs else entry.get("oid")))
+    missing = [split for split, files in by_split.items() if not files]
+    if missing:
+        raise UserError(f"{url} lists no parquet file for split(s) {', '.join(missing)}")
+    return {split: sorted(files, key=lambda f: f.dest.name) for split, files in by_split.items()}
+
+
+def _open(url: str, start: int = 0):
+    """An HTTP response for url (from byte `start`), or UserError with a one-line reason."""
+    request = urllib.request.Request(url, headers={"User-Agent": "chiarformer"})
+    if start:
+        request.add_header("Range", f"bytes={start}-")
+    try:
+        return urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and start:  # nothing after `start`: the file is complete (the check decides)
+            return None
+        raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"cannot reach {urllib.parse.urlsplit(url).netloc} ({reason}); check the connection "
+                        "(a mirror: --endpoint URL or HF_ENDPOINT)") from None
+
+
+def fetch(f: RemoteFile, quiet: bool = False) -> bool:
+    """Download f.url to f.dest through f.dest.part (resuming it) and check it; True when bytes came."""
+    if f.dest.is_file() and _matches(f, f.dest):
+        if not quiet:
+            print(f"{f.dest}: present, checked", file=sys.stderr)
+        return False
+    f.dest.parent.mkdir(parents=True, exist_ok=True)
+    part = f.dest.with_name(f.dest.name + ".part")
+    have = part.stat().st_size if part.is_file() else 0
+    if have > f.size:  # not a prefix of this file
+        part.unlink()
+        have = 0
+    if have < f.size:
+        if not quiet:
+            resumed = f", resuming at {have:,} bytes" if have else ""
+            print(f"fetching {f.url} ({f.size:,} bytes{resumed})", file=sys.stderr, flush=True)
+        _receive(f, part, have, quiet)
+    if not _matches(f, part):
+        got = part.stat().st_size
+        part.unlink()
+        raise UserError(f"{f.dest.name} from {f.url} failed its check ({got:,} bytes, expected {f.size:,}; "
+                        f"{'SHA-256' if f.sha256 else 'git blob id'} differs from the published one): deleted, "
+                        "nothing kept; run the command again")
+    os.replace(part, f.dest)
+    return True
+
+
+def _receive(f: RemoteFile, part: Path, have: int, quiet: bool) -> None:
+    response = _open(f.url, have)
+    if response is None:
+        return
+    from tqdm import tqdm
+
+    with response:
+        if have and response.status != 206:  # the server ignored the range: start again
+            have = 0
+        mode = "ab" if have else "wb"
+        bar = tqdm(total=f.size, initial=have, unit="B", unit_scale=True, desc=f.dest.name,
+                   disable=quiet or not sys.stderr.isatty())
+        try:
+            with open(part, mode) as out, bar:
+                while block := response.read(_BLOCK):
+                    out.write(block)
+                    bar.update(len(block))
+        except OSError as e:
+            raise UserError(f"download of {f.url} broke off ({e}); {part} is kept: run the same command "
+                            "again to resume") from None
+
+
+def _matches(f: RemoteFile, path: Path) -> bool:
+    if path.stat().st_size != f.size:
+        return False
+    if f.sha256:
+        h = hashlib.sha256()
+    elif f.git_oid:
+        h = hashlib.sha1(b"blob %d\0" % f.size)
+    else:
+        return False  # nothing to check against: never accepted
+    with open(path, "rb") as fh:
+        while block := fh.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest() == (f.sha256 or f.git_oid)
+
+
+def _check_parquet_split(spec: HubFiles, split: str, files: list[Path]) -> None:
+    """Each file opens as parquet with the expected columns; the split has the card's row count."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for path in files:
+        try:
+            pf = pq.ParquetFile(path)
+        except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError
+            path.unlink()
+            raise UserError(f"{path} is not a readable parquet file ({type(e).__name__}): deleted") from None
+        missing = sorted(set(spec.columns) - set(pf.schema_arrow.names))
+        if missing:
+            raise UserError(f"{path} lacks column(s) {', '.join(missing)} (has {', '.join(pf.schema_arrow.names)})")
+        rows += pf.metadata.num_rows
+    if rows != spec.rows[split]:
+        for path in files:
+            path.unlink()
+        raise UserError(f"{spec.repo} {spec.folder} {split}: {rows:,} rows, its dataset card says {spec.rows[split]:,}; "
+                        "the files were deleted")
+
+
+# --------------------------------------------------------------------------- command line
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "download", help="fetch WikiText-2/103, IMDB or the GPT-2 tokenizer into the data folder (checked)",
+        description="Fetch a dataset (Hugging Face parquet files) or the GPT-2 tokenizer files into the data "
+                    "folder ($CHIAR_DATA_DIR, or --to DIR), checking sizes and SHA-256 values against the "
+                    "published ones and parquet row counts against the dataset cards. Resumes an interrupted "
+                    "download; files already present and correct are not fetched again.")
+    p.add_argument("name", choices=NAMES)
+    p.add_argument("--to", default=None, metavar="DIR", help="data folder to write into (default: the data folder chiar reads)")
+    p.add_argument("--variant", default="raw", choices=("raw", "tokens"),
+                   help="WikiText: raw text (default, the published setup) or the tokenised files with <unk>")
+    p.add_argument("--endpoint", default=None, metavar="URL",
+                   help="base URL of a mirror: the hub for datasets (default $HF_ENDPOINT or https://huggingface.co), "
+                        "the folder holding encoder.json and vocab.bpe for gpt2-tokenizer")
+    p.add_argument("--quiet", action="store_true", help="print only the result")
+    p.set_defaults(func=cmd_download)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    folder = download(args.name, to=args.to, variant=args.variant, endpoint=args.endpoint, quiet=args.quiet)
+    print(f"{args.name}: checked files in {folder}")
+    root = Path(args.to).expanduser() if args.to is not None else data_dir()
+    if root.resolve() != data_dir().resolve():
+        print(f"chiar reads data from {data_dir()}: set CHIAR_DATA_DIR={root} (or --set data.data_dir={root}) to use it")
+    return 0
