@@ -123,7 +123,8 @@ def _list_hub_files(host: str, spec: HubFiles, folder: Path) -> dict[str, list[R
     revision = REVISIONS[spec.repo]
     url = f"{host}/api/datasets/{spec.repo}/tree/{revision}/{urllib.parse.quote(spec.folder)}"
     try:
-        entries = json.loads(_open(url).read())
+        with _open(url) as response:
+            entries = json.loads(response.read())
     except (ValueError, OSError) as e:  # OSError covers a connection that breaks while reading
         raise UserError(f"could not read the file list at {url} ({e})") from None
     by_split: dict[str, list[RemoteFile]] = {split: [] for split in spec.rows}
