@@ -15,7 +15,7 @@ import pytest
 
 from chiarformer.cli import main
 from chiarformer.data import download as D
-from chiarformer.data import wikitext_source
+from chiarformer.data import load_imdb, wikitext_source
 from chiarformer.data.imdb import imdb_source
 from chiarformer.data.tokenizer import gpt2_tokenizer
 from chiarformer.errors import UserError
@@ -51,6 +51,15 @@ class FakeHub:
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
                 self.wfile.write(body[start:])
+
+            def do_HEAD(self):  # noqa: N802 - http.server API
+                body = hub.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
 
             def log_message(self, *args):
                 pass
@@ -171,6 +180,49 @@ def test_imdb_lands_where_the_loader_looks(tmp_path, hub):
     source = imdb_source("test", data_dir=tmp_path / "data")
     texts, labels = source.read()
     assert texts[3] == "test review 3" and len(labels) == 25000 and labels.sum() == 12500
+
+
+def imdb_archive(per_class: dict) -> bytes:
+    """A tar.gz in the aclImdb layout, n reviews per split/class, plus members the loader must not get."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        def add(name, data=b"", kind=tarfile.REGTYPE):
+            info = tarfile.TarInfo(name)
+            info.type, info.size = kind, len(data)
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+        for (split, label), n in per_class.items():
+            for i in range(n):
+                add(f"aclImdb/{split}/{label}/{i}_{8 if label == 'pos' else 2}.txt", f"{split} {label} {i}".encode())
+        add("aclImdb/train/unsup/0_0.txt", b"unlabelled")
+        add("aclImdb/README", b"readme")
+        add("aclImdb/train/pos/../../../escape.txt", b"outside")
+        add("aclImdb/test/neg/link.txt", kind=tarfile.SYMTYPE)
+    return buf.getvalue()
+
+
+def test_imdb_archive_is_checked_resumed_and_extracted(tmp_path, hub, monkeypatch):
+    monkeypatch.setattr(D, "IMDB_REVIEWS", 3)
+    classes = [(s, lab) for s in ("train", "test") for lab in ("pos", "neg")]
+    body = imdb_archive({c: 3 for c in classes})
+    hub.files["/aclImdb_v1.tar.gz"] = body
+    folder = tmp_path / "data" / "imdb"
+    folder.mkdir(parents=True)
+    half = len(body) // 2
+    (folder / "aclImdb_v1.tar.gz.part").write_bytes(body[:half])
+    D.download("imdb", to=tmp_path / "data", source="archive", endpoint=hub.url + "/aclImdb_v1.tar.gz", quiet=True)
+    assert [r for p, r in hub.requests if p == "/aclImdb_v1.tar.gz"] == [f"bytes={half}-"]
+    texts, labels, where = load_imdb("test", data_dir=tmp_path / "data")
+    assert where.endswith("aclImdb/test") and texts[0] == "test neg 0" and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert not (folder / "aclImdb" / "train" / "unsup").exists() and not list(tmp_path.rglob("escape.txt"))
+    # an archive with a review missing is not extracted
+    hub.files["/short.tar.gz"] = imdb_archive({**{c: 3 for c in classes}, ("test", "pos"): 2})
+    with pytest.raises(UserError, match="'test/pos': 2"):
+        D.download("imdb", to=tmp_path / "other", source="archive", endpoint=hub.url + "/short.tar.gz", quiet=True)
+    assert not (tmp_path / "other" / "imdb" / "aclImdb").exists()
 
 
 def test_gpt2_tokenizer_checks_the_pinned_hashes(tmp_path, hub):

@@ -5,7 +5,8 @@
 
 - wikitext2, wikitext103: the Hugging Face dataset Salesforce/wikitext, config
   wikitext-{2,103}-raw-v1 (`--variant tokens`: wikitext-{2,103}-v1), its parquet files -> DIR/<config>/
-- imdb: the Hugging Face dataset stanfordnlp/imdb, plain_text/{train,test}-*.parquet -> DIR/imdb/plain_text/
+- imdb: the Hugging Face dataset stanfordnlp/imdb, plain_text/{train,test}-*.parquet -> DIR/imdb/plain_text/;
+  `--source archive`: Stanford's aclImdb_v1.tar.gz, labelled reviews extracted -> DIR/imdb/aclImdb/
 - gpt2-tokenizer: OpenAI's encoder.json and vocab.bpe (the files tiktoken downloads) -> DIR/gpt2_tokenizer/
 (DIR = --to, else the data folder.)
 These are the folders the loaders search (wikitext.py, imdb.py, tokenizer.py). The Hugging Face
@@ -17,6 +18,8 @@ Checks, before a file takes its final name (a file that fails is deleted and the
   which must list the expected columns and, summed over a split's shards, the split's row count
   on the dataset card (ROWS).
 - GPT-2 files: the sizes and SHA-256 values tiktoken pins for them (GPT2_FILES).
+- The IMDB archive: no checksum is published; the size the server gives (Content-Length), then
+  12,500 reviews in each of train/pos, train/neg, test/pos, test/neg (extracted apart first).
 Bytes arrive in NAME.part; an interrupted download resumes from there (HTTP Range) when the
 same command runs again, and a verified file already in place is not fetched again.
 
@@ -57,6 +60,10 @@ REVISIONS = {"Salesforce/wikitext": "b08601e04326c79dfdd32d625aee71d232d685c3",
 _WIKITEXT_ROWS = {"2": {"train": 36718, "validation": 3760, "test": 4358},
                   "103": {"train": 1801350, "validation": 3760, "test": 4358}}
 ROWS = {"imdb": {"train": 25000, "test": 25000}}  # the 50k unlabelled reviews are not used
+# The official IMDB archive (Maas et al. 2011); no checksum is published: its size comes from the
+# server and its content is checked by the number of reviews per split and class.
+IMDB_ARCHIVE = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+IMDB_REVIEWS = 12500  # per split and class in aclImdb v1
 TIMEOUT_S = 30.0
 _BLOCK = 1 << 20
 
@@ -78,7 +85,7 @@ class RemoteFile:
     dest: Path
     size: int
     sha256: str | None = None  # for LFS files and pinned files
-    git_oid: str | None = None  # sha1 git blob id, for small files outside LFS
+    git_oid: str | None = None  # sha1 git blob id, for small files outside LFS (neither: size only)
 
 
 def hub_files(name: str, variant: str = "raw") -> HubFiles:
@@ -92,15 +99,24 @@ def hub_files(name: str, variant: str = "raw") -> HubFiles:
 
 
 def download(name: str, to: str | os.PathLike | None = None, variant: str = "raw", endpoint: str | None = None,
-             quiet: bool = False) -> Path:
-    """Fetch `name` (see NAMES) into `to` (default: the data folder); returns the folder written."""
+             quiet: bool = False, source: str = "hub") -> Path:
+    """Fetch `name` (see NAMES) into `to` (default: the data folder); returns the folder written.
+
+    source="archive" (IMDB only): Stanford's aclImdb_v1.tar.gz instead of the hub's parquet files;
+    `endpoint` is then the archive's URL."""
     if name not in NAMES:
         raise UserError(f"unknown download {name!r}; choose one of: {', '.join(NAMES)}")
+    if source not in ("hub", "archive"):
+        raise UserError(f"unknown source {source!r}; choose hub or archive")
+    if source == "archive" and name != "imdb":
+        raise UserError(f"--source archive is for imdb only; {name} comes from the hub or its own host")
     if variant not in ("raw", "tokens"):
         raise UserError(f"unknown variant {variant!r}; choose raw or tokens")
     if variant != "raw" and not name.startswith("wikitext"):
         raise UserError(f"--variant applies to WikiText only, not {name}")
     root = Path(to).expanduser() if to is not None else data_dir()
+    if source == "archive":
+        return _imdb_archive(root, endpoint or IMDB_ARCHIVE, quiet)
     if name == "gpt2-tokenizer":
         base = (endpoint or GPT2_URL).rstrip("/")
         folder = root / "gpt2_tokenizer"
@@ -144,9 +160,54 @@ def _list_hub_files(host: str, spec: HubFiles, folder: Path) -> dict[str, list[R
     return {split: sorted(files, key=lambda f: f.dest.name) for split, files in by_split.items()}
 
 
-def _open(url: str, start: int = 0):
+def _imdb_archive(root: Path, url: str, quiet: bool) -> Path:
+    """aclImdb_v1.tar.gz into root/imdb/, its labelled reviews extracted to root/imdb/aclImdb/."""
+    with _open(url, method="HEAD") as response:
+        size = response.headers.get("Content-Length")
+    if not size:
+        raise UserError(f"{url} does not say its size (no Content-Length): cannot check the download")
+    archive = RemoteFile(url, root / "imdb" / "aclImdb_v1.tar.gz", int(size))
+    fetch(archive, quiet)
+    return _extract_reviews(archive.dest)
+
+
+def _extract_reviews(path: Path) -> Path:
+    """The {train,test}/{pos,neg}/*.txt members of the archive (nothing else) into aclImdb/ beside it."""
+    import shutil
+    import tarfile
+    from collections import Counter
+
+    partial, final = path.parent / "aclImdb.partial", path.parent / "aclImdb"
+    shutil.rmtree(partial, ignore_errors=True)
+    counts: Counter = Counter()
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                # only aclImdb/<split>/<pos|neg>/<name>.txt: no links, no paths outside the folder
+                if not (member.isfile() and len(parts) == 4 and parts[0] == "aclImdb" and parts[1] in ("train", "test")
+                        and parts[2] in ("pos", "neg") and parts[3].endswith(".txt") and not parts[3].startswith(".")):
+                    continue
+                target = partial.joinpath(*parts[1:])
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())
+                counts[parts[1], parts[2]] += 1
+    except (tarfile.TarError, OSError, EOFError) as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(f"{path} is not a readable .tar.gz archive ({type(e).__name__}); delete it and run again") from None
+    wrong = {f"{split}/{label}": counts[split, label] for split in ("train", "test") for label in ("pos", "neg")
+             if counts[split, label] != IMDB_REVIEWS}
+    if wrong:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(f"{path} holds {wrong} reviews, aclImdb v1 has {IMDB_REVIEWS} in each: not extracted")
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    return final
+
+
+def _open(url: str, start: int = 0, method: str = "GET"):
     """An HTTP response for url (from byte `start`), or UserError with a one-line reason."""
-    request = urllib.request.Request(url, headers={"User-Agent": "chiarformer"})
+    request = urllib.request.Request(url, headers={"User-Agent": "chiarformer"}, method=method)
     if start:
         request.add_header("Range", f"bytes={start}-")
     try:
@@ -218,7 +279,7 @@ def _matches(f: RemoteFile, path: Path) -> bool:
     elif f.git_oid:
         h = hashlib.sha1(b"blob %d\0" % f.size)
     else:
-        return False  # nothing to check against: never accepted
+        return True  # no published checksum (the IMDB archive): the size only; its content is checked after
     with open(path, "rb") as fh:
         while block := fh.read(_BLOCK):
             h.update(block)
@@ -262,12 +323,16 @@ def register(subparsers) -> None:
     p.add_argument("--endpoint", default=None, metavar="URL",
                    help="base URL of a mirror: the hub for datasets (default $HF_ENDPOINT or https://huggingface.co), "
                         "the folder holding encoder.json and vocab.bpe for gpt2-tokenizer")
+    p.add_argument("--source", default="hub", choices=("hub", "archive"),
+                   help="imdb: hub = stanfordnlp/imdb parquet (default), archive = Stanford's aclImdb_v1.tar.gz "
+                        "(84 MB, size and review counts checked; --endpoint = its URL)")
     p.add_argument("--quiet", action="store_true", help="print only the result")
     p.set_defaults(func=cmd_download)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    folder = download(args.name, to=args.to, variant=args.variant, endpoint=args.endpoint, quiet=args.quiet)
+    folder = download(args.name, to=args.to, variant=args.variant, endpoint=args.endpoint, quiet=args.quiet,
+                      source=args.source)
     print(f"{args.name}: checked files in {folder}")
     root = Path(args.to).expanduser() if args.to is not None else data_dir()
     if root.resolve() != data_dir().resolve():
