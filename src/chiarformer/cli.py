@@ -117,6 +117,8 @@ def cmd_eval(args) -> int:
 
 # ---------------------------------------------------------------------------- config / tasks
 CONFIG_DEFAULT_TASK = "wikitext103"  # what `chiar config` shows without --task
+
+
 def cmd_config(args) -> int:
     from .train.config import dump_yaml, resolve
 
