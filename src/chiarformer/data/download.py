@@ -12,32 +12,35 @@
 These are the folders the loaders search (wikitext.py, imdb.py, tokenizer.py). The Hugging Face
 files come from a pinned commit of each repository (REVISIONS), so every user gets the same bytes.
 
-Checks, before a file takes its final name (a file that fails is deleted and the command fails):
+The Hugging Face files are fetched by huggingface_hub (the `hf` extra): `hf_hub_download` into
+DIR (DIR/imdb for IMDB), which mirrors the repository's folders and keeps its own bookkeeping in
+.cache/huggingface/ there; it retries a broken transfer from where it stopped (HTTP Range) and does
+not fetch a file again whose commit it has recorded. The rest is plain HTTPS (urllib): bytes arrive
+in NAME.part, an interrupted download resumes from there (HTTP Range) when the same command runs
+again, and a verified file already in place is not fetched again.
+
+Checks (a file that fails is deleted and the command fails):
 - Hugging Face files: the size and SHA-256 the hub's tree API publishes for the file (its LFS
-  object id; the git blob id for a file outside LFS); then pyarrow must read the parquet footer,
-  which must list the expected columns and, summed over a split's shards, the split's row count
-  on the dataset card (ROWS).
+  object); then pyarrow must read the parquet footer, which must list the expected columns and,
+  summed over a split's shards, the split's row count on the dataset card (ROWS).
 - GPT-2 files: the sizes and SHA-256 values tiktoken pins for them (GPT2_FILES).
 - The IMDB archive: no checksum is published; the size the server gives (Content-Length), then
   12,500 reviews in each of train/pos, train/neg, test/pos, test/neg (extracted apart first).
-Bytes arrive in NAME.part; an interrupted download resumes from there (HTTP Range) when the
-same command runs again, and a verified file already in place is not fetched again.
 
-Hosts: the hub from --endpoint, else HF_ENDPOINT (the variable huggingface_hub reads; a mirror),
-else https://huggingface.co; the GPT-2 files from --endpoint, else OpenAI's public blob store.
-Nothing else is needed: plain HTTPS through urllib, no Hugging Face package.
+Hosts: the hub from --endpoint, else HF_ENDPOINT (read by huggingface_hub; a mirror), else
+https://huggingface.co; the GPT-2 files from --endpoint, else OpenAI's public blob store.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +49,6 @@ from .files import data_dir
 from .wikitext import hf_config
 
 NAMES = ("wikitext2", "wikitext103", "imdb", "gpt2-tokenizer")
-HUB = "https://huggingface.co"
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
 # (bytes, sha256) of OpenAI's GPT-2 files, as pinned by tiktoken (tiktoken_ext/openai_public.py, gpt2).
 GPT2_FILES = {
@@ -74,7 +76,7 @@ class HubFiles:
 
     repo: str
     folder: str  # folder inside the repository
-    dest: str  # folder under DIR
+    local_dir: str  # folder under DIR that mirrors the repository ("" = DIR itself)
     columns: tuple[str, ...]
     rows: dict[str, int]  # split -> rows; only these splits are fetched
 
@@ -84,17 +86,16 @@ class RemoteFile:
     url: str
     dest: Path
     size: int
-    sha256: str | None = None  # for LFS files and pinned files
-    git_oid: str | None = None  # sha1 git blob id, for small files outside LFS (neither: size only)
+    sha256: str | None = None  # None: the size only (the IMDB archive; its content is checked after)
 
 
 def hub_files(name: str, variant: str = "raw") -> HubFiles:
     if name in ("wikitext2", "wikitext103"):
         version = name.removeprefix("wikitext")
         config = hf_config(version, variant)
-        return HubFiles("Salesforce/wikitext", config, config, ("text",), _WIKITEXT_ROWS[version])
+        return HubFiles("Salesforce/wikitext", config, "", ("text",), _WIKITEXT_ROWS[version])
     if name == "imdb":
-        return HubFiles("stanfordnlp/imdb", "plain_text", "imdb/plain_text", ("text", "label"), ROWS["imdb"])
+        return HubFiles("stanfordnlp/imdb", "plain_text", "imdb", ("text", "label"), ROWS["imdb"])
     raise UserError(f"unknown download {name!r}; choose one of: {', '.join(NAMES)}")
 
 
@@ -123,41 +124,77 @@ def download(name: str, to: str | os.PathLike | None = None, variant: str = "raw
         for fname, (size, sha) in GPT2_FILES.items():
             fetch(RemoteFile(f"{base}/{fname}", folder / fname, size, sha256=sha), quiet)
         return folder
-    spec = hub_files(name, variant)
-    host = (endpoint or os.environ.get("HF_ENDPOINT") or HUB).rstrip("/")
-    folder = root / spec.dest
-    by_split = _list_hub_files(host, spec, folder)
-    for split, files in by_split.items():
-        for f in files:
-            fetch(f, quiet)
-        _check_parquet_split(spec, split, [f.dest for f in files])
-    return folder
+    return _hub_download(hub_files(name, variant), root, endpoint, quiet)
 
 
-def _list_hub_files(host: str, spec: HubFiles, folder: Path) -> dict[str, list[RemoteFile]]:
-    """The split's parquet files with the sizes and checksums the hub's tree API publishes."""
-    revision = REVISIONS[spec.repo]
-    url = f"{host}/api/datasets/{spec.repo}/tree/{revision}/{urllib.parse.quote(spec.folder)}"
+def _hub_download(spec: HubFiles, root: Path, endpoint: str | None, quiet: bool) -> Path:
+    """The split files of `spec` at its pinned commit into root/spec.local_dir, each one checked."""
     try:
-        with _open(url) as response:
-            entries = json.loads(response.read())
-    except (ValueError, OSError) as e:  # OSError covers a connection that breaks while reading
-        raise UserError(f"could not read the file list at {url} ({e})") from None
-    by_split: dict[str, list[RemoteFile]] = {split: [] for split in spec.rows}
-    for entry in entries if isinstance(entries, list) else []:
-        path = str(entry.get("path", ""))
-        fname = path.rsplit("/", 1)[-1]
+        import huggingface_hub
+        from huggingface_hub import constants
+    except ImportError:
+        raise UserError('downloading from the Hugging Face hub needs huggingface_hub: pip install -e ".[hf]"') from None
+    if constants.HF_HUB_OFFLINE:
+        raise UserError("HF_HUB_OFFLINE is set, so huggingface_hub will not download: unset it for this command")
+    api = huggingface_hub.HfApi(endpoint=endpoint)  # None: HF_ENDPOINT, else huggingface.co
+    revision = REVISIONS[spec.repo]
+    local_dir = root / spec.local_dir
+    with _hub_errors(api.endpoint):
+        by_split = _list_hub_files(api, spec, revision, huggingface_hub.RepoFile)
+        for split, entries in by_split.items():
+            paths = []
+            for entry in entries:
+                if not quiet:
+                    print(f"{spec.repo}@{revision[:8]}/{entry.path} ({entry.size:,} bytes)", file=sys.stderr, flush=True)
+                path = Path(huggingface_hub.hf_hub_download(spec.repo, entry.path, repo_type="dataset", revision=revision,
+                                                            local_dir=local_dir, endpoint=endpoint))
+                if not _matches(path, entry.size, entry.lfs.sha256):
+                    got = path.stat().st_size
+                    path.unlink()
+                    raise UserError(f"{path.name} from {spec.repo}@{revision[:8]} failed its check ({got:,} bytes, "
+                                    f"expected {entry.size:,}; SHA-256 differs from the published one): deleted, "
+                                    "nothing kept; run the command again")
+                paths.append(path)
+            _check_parquet_split(spec, split, paths)
+    return local_dir / spec.folder
+
+
+def _list_hub_files(api, spec: HubFiles, revision: str, repo_file: type) -> dict[str, list]:
+    """The split's parquet files (RepoFile entries, with the size and LFS SHA-256 the hub publishes)."""
+    by_split: dict[str, list] = {split: [] for split in spec.rows}
+    for entry in api.list_repo_tree(spec.repo, spec.folder, repo_type="dataset", revision=revision):
+        fname = entry.path.rsplit("/", 1)[-1]
         split = fname.split("-", 1)[0]
-        if entry.get("type") != "file" or split not in by_split or not fname.endswith(".parquet"):
-            continue
-        lfs = entry.get("lfs") or {}
-        by_split[split].append(RemoteFile(
-            f"{host}/datasets/{spec.repo}/resolve/{revision}/{urllib.parse.quote(path)}", folder / fname,
-            int(entry["size"]), sha256=lfs.get("oid"), git_oid=None if lfs else entry.get("oid")))
+        if split not in by_split or not fname.endswith(".parquet") or not isinstance(entry, repo_file):
+            continue  # a folder, another split, the README
+        if entry.lfs is None:
+            raise UserError(f"{spec.repo}@{revision[:8]}/{entry.path} is not an LFS file: the hub publishes no SHA-256 for it")
+        by_split[split].append(entry)
     missing = [split for split, files in by_split.items() if not files]
     if missing:
-        raise UserError(f"{url} lists no parquet file for split(s) {', '.join(missing)}")
-    return {split: sorted(files, key=lambda f: f.dest.name) for split, files in by_split.items()}
+        raise UserError(f"{spec.repo}@{revision[:8]}/{spec.folder} lists no parquet file for split(s) {', '.join(missing)}")
+    return {split: sorted(files, key=lambda e: e.path) for split, files in by_split.items()}
+
+
+@contextmanager
+def _hub_errors(host: str):
+    """huggingface_hub's network and HTTP failures as one line, its retry warnings kept off the terminal
+    meanwhile (the line replaces them). Its own errors are OSErrors; the HTTP client's are not (httpx in
+    huggingface_hub 1.x, httpx2 since 2.x; requests, before, raises OSErrors)."""
+    import logging
+
+    client_errors = tuple(module.HTTPError for module in map(sys.modules.get, ("httpx", "httpx2")) if module)
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    except (OSError, *client_errors) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot fetch from {host} ({reason}); check the connection (a mirror: --endpoint URL or "
+                        "HF_ENDPOINT)") from None
+    finally:
+        hub_logger.setLevel(level)
 
 
 def _imdb_archive(root: Path, url: str, quiet: bool) -> Path:
@@ -219,12 +256,12 @@ def _open(url: str, start: int = 0, method: str = "GET"):
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise UserError(f"cannot reach {urllib.parse.urlsplit(url).netloc} ({reason}); check the connection "
-                        "(a mirror: --endpoint URL or HF_ENDPOINT)") from None
+                        "(a mirror: --endpoint URL)") from None
 
 
 def fetch(f: RemoteFile, quiet: bool = False) -> bool:
     """Download f.url to f.dest through f.dest.part (resuming it) and check it; True when bytes came."""
-    if f.dest.is_file() and _matches(f, f.dest):
+    if f.dest.is_file() and _matches(f.dest, f.size, f.sha256):
         if not quiet:
             print(f"{f.dest}: present, checked", file=sys.stderr)
         return False
@@ -239,12 +276,12 @@ def fetch(f: RemoteFile, quiet: bool = False) -> bool:
             resumed = f", resuming at {have:,} bytes" if have else ""
             print(f"fetching {f.url} ({f.size:,} bytes{resumed})", file=sys.stderr, flush=True)
         _receive(f, part, have, quiet)
-    if not _matches(f, part):
+    if not _matches(part, f.size, f.sha256):
         got = part.stat().st_size
         part.unlink()
         raise UserError(f"{f.dest.name} from {f.url} failed its check ({got:,} bytes, expected {f.size:,}; "
-                        f"{'SHA-256' if f.sha256 else 'git blob id'} differs from the published one): deleted, "
-                        "nothing kept; run the command again")
+                        f"{'SHA-256' if f.sha256 else 'size'} differs from the published one): deleted, nothing kept; "
+                        "run the command again")
     os.replace(part, f.dest)
     return True
 
@@ -271,19 +308,16 @@ def _receive(f: RemoteFile, part: Path, have: int, quiet: bool) -> None:
                             "again to resume") from None
 
 
-def _matches(f: RemoteFile, path: Path) -> bool:
-    if path.stat().st_size != f.size:
+def _matches(path: Path, size: int, sha256: str | None) -> bool:
+    if path.stat().st_size != size:
         return False
-    if f.sha256:
-        h = hashlib.sha256()
-    elif f.git_oid:
-        h = hashlib.sha1(b"blob %d\0" % f.size)
-    else:
+    if sha256 is None:
         return True  # no published checksum (the IMDB archive): the size only; its content is checked after
+    h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(_BLOCK):
             h.update(block)
-    return h.hexdigest() == (f.sha256 or f.git_oid)
+    return h.hexdigest() == sha256
 
 
 def _check_parquet_split(spec: HubFiles, split: str, files: list[Path]) -> None:
@@ -312,10 +346,10 @@ def _check_parquet_split(spec: HubFiles, split: str, files: list[Path]) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "download", help="fetch WikiText-2/103, IMDB or the GPT-2 tokenizer into the data folder (checked)",
-        description="Fetch a dataset (Hugging Face parquet files) or the GPT-2 tokenizer files into the data "
-                    "folder ($CHIAR_DATA_DIR, or --to DIR), checking sizes and SHA-256 values against the "
-                    "published ones and parquet row counts against the dataset cards. Resumes an interrupted "
-                    "download; files already present and correct are not fetched again.")
+        description="Fetch a dataset (Hugging Face parquet files, through huggingface_hub: the hf extra) or the "
+                    "GPT-2 tokenizer files into the data folder ($CHIAR_DATA_DIR, or --to DIR), checking sizes "
+                    "and SHA-256 values against the published ones and parquet row counts against the dataset "
+                    "cards. Resumes a broken transfer; files already present and correct are not fetched again.")
     p.add_argument("name", choices=NAMES)
     p.add_argument("--to", default=None, metavar="DIR", help="data folder to write into (default: the data folder chiar reads)")
     p.add_argument("--variant", default="raw", choices=("raw", "tokens"),
