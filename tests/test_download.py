@@ -294,7 +294,13 @@ def test_unreachable_host_is_one_clear_line(tmp_path, capsys, hub_constants, mon
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
     assert "127.0.0.1" in err[0]
-    code = main(["download", "gpt2-tokenizer", "--to", str(tmp_path), "--endpoint", url, "--quiet"])  # plain HTTP
+
+
+def test_unreachable_host_is_one_clear_line_over_plain_http(tmp_path, capsys):
+    server = FakeHub()
+    url = server.url
+    server.close()
+    code = main(["download", "gpt2-tokenizer", "--to", str(tmp_path), "--endpoint", url, "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "127.0.0.1" in err[0]
 
