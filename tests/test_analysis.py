@@ -328,3 +328,50 @@ def test_embedding_entropies_follow_the_model_entropy_definition():
         got = embedding_entropies(model, [Batch(ids, None)])
         np.testing.assert_allclose(got, fn(model.model.embed.weight[ids]).detach().reshape(-1).numpy(), atol=1e-6)
     assert np.abs(got - spectral_entropy(model.model.embed.weight[ids]).reshape(-1).numpy()).max() > 1e-3
+
+
+def test_calibrate_says_it_rewrites_the_run(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = (run / "config.yaml").read_text()
+    assert main(["calibrate", "--run", str(run), "--max-batches", "2", "--dry-run"]) == 0
+    assert "dry run: nothing stored" in capsys.readouterr().out and (run / "config.yaml").read_text() == before
+    assert main(["calibrate", "--run", str(run), "--max-batches", "2"]) == 0
+    assert f"rewrote the run {run} in place" in capsys.readouterr().out
+    assert (run / "config.yaml").read_text() != before
+
+
+def test_route_png_shows_entropy_scale_tau_margins_and_only_present_operators(trained_run):
+    from chiarformer.analysis.route import route_figure, tau_margin
+
+    loaded = common.load_run(trained_run)
+    text = "The river city was the king of music."
+    for taus, legend in (([1.0, 1.0], ["DCT"]), ([0.0, 1.0], ["DCT", "ATTN"])):
+        loaded.model.set_taus(taus)
+        view = route_text(loaded.model, loaded.tokenizer, text)
+        fig = route_figure(view)
+        ax_op, ax_h, bar = fig.axes
+        assert [t.get_text() for t in ax_op.get_legend().get_texts()] == legend
+        assert bar.get_ylabel() == "spectral entropy H"
+        margin = tau_margin(view, 1)
+        assert np.allclose(margin, view.entropy[1] - taus[0])
+        cells = [t.get_text() for t in ax_h.texts]
+        assert cells[0] == f"{margin[0]:+.3f}".replace("0.", ".", 1)
+        assert "H - tau" in ax_h.get_title()
+
+
+def test_report_labels_proxies_and_keeps_lm_accuracy_off_the_classification_axis(workspace):
+    from chiarformer.analysis.report import RunSummary, markdown_table, training_curves_figure
+
+    def summary(name, kind, proxy):
+        evals = [{"kind": "eval", "split": "val", "step": s, "loss": 3.0 / s, "accuracy": 0.1 * s} for s in (1, 2)]
+        results = {"kind": kind, "protocol": {"tokenizer": "gpt2", "context": 64, "proxy": proxy}}
+        return RunSummary(workspace / name, name, {"task": "t"}, None, evals, results)
+
+    lm, cls = summary("lm-proxy", "lm", True), summary("cls", "cls", False)
+    table = markdown_table([lm, cls])
+    assert "proxy data, not the official protocol" in table and "PROXY" not in table
+    fig = training_curves_figure([lm, cls])
+    acc_axis = fig.axes[1]
+    assert [line.get_label() for line in acc_axis.get_lines()] == ["cls"]  # the LM's next-token accuracy is not here
+    assert "classification" in acc_axis.get_ylabel()

@@ -139,6 +139,8 @@ def test_parquet_without_text_column(tmp_path):
 
 
 def test_hub_source_fails_fast_and_clearly(tmp_path, monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the suite also runs with them set
+        monkeypatch.delenv(var, raising=False)
     calls = []
 
     def load_dataset(*args, **kwargs):

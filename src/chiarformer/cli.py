@@ -1,13 +1,15 @@
 """`chiar`: the command line.
 
-    chiar quickstart                      baseline vs CHIAR-Former on generated ListOps, CPU, < 5 min
+    chiar quickstart                      baseline vs CHIAR-Former on generated ListOps, CPU, about 4 min
     chiar train --task T --model LAYOUT [--preset P] [--config F.yaml] [--set k=v ...] --out runs/NAME [--resume]
     chiar eval --run runs/NAME [--split val|test] [--which best|last]
-    chiar config --task T [...]           print the resolved, commented configuration (a starting YAML)
+    chiar config [--task T] [...]         print the resolved, commented configuration (a starting YAML)
     chiar tasks                           list the tasks and where their data comes from
     chiar import-reference FILE.pt --out runs/NAME [--tau T] [--task T]   a published checkpoint as a run
     chiar generate --run runs/NAME "prompt" [--max-new-tokens N --temperature T --top-k K --top-p P ...]
     chiar export --run runs/NAME --out DIR  a Hugging Face folder (needs the hf extra)
+    chiar download NAME [--to DIR]        fetch wikitext2, wikitext103, imdb or gpt2-tokenizer (data/download.py)
+    chiar --version;  python -m chiarformer ...  (the same as chiar)
 
 Analysis subcommands (calibrate, route, flops, report) are added by chiarformer.analysis.cli, generate by
 chiarformer.textgen, export by chiarformer.hf_export.
@@ -107,7 +109,9 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(record, indent=2))
     else:
-        print(f"{args.run} [{args.which} checkpoint, step {record['step']}] {args.split}: "
+        scope = "" if record["complete"] else (f" (partial: {args.max_batches} batch(es) of evenly spaced examples, "
+                                                  "not the whole split)")
+        print(f"{args.run} [{args.which} checkpoint, step {record['step']}] {args.split}{scope}: "
               f"{format_metrics(record, record['task_kind'])}")
         proto = record.get("protocol") or {}
         if proto:
@@ -138,12 +142,22 @@ def cmd_import_reference(args) -> int:
 
 
 # ---------------------------------------------------------------------------- config / tasks
+CONFIG_DEFAULT_TASK = "wikitext103"  # what `chiar config` shows without --task
+
+
 def cmd_config(args) -> int:
     from .train.config import dump_yaml, resolve
 
-    cfg = resolve(args.task, args.preset, args.model, args.config, args.sets)
+    task = args.task
+    default_note = ""
+    if not (task or args.config or any(s.startswith("task=") for s in args.sets)):
+        task = CONFIG_DEFAULT_TASK
+        default_note = (f"No --task given: this is task {task} (the paper's main experiment); "
+                        "`chiar tasks` lists the others.\n")
+    cfg = resolve(task, args.preset, args.model, args.config, args.sets)
     text = dump_yaml(cfg, header=(
-        f"chiarformer configuration for task {cfg.task}, preset {cfg.preset}, layout {cfg.model.layout}.\n"
+        default_note
+        + f"chiarformer configuration for task {cfg.task}, preset {cfg.preset}, layout {cfg.model.layout}.\n"
         "Use with: chiar train --config THIS_FILE --out runs/NAME   (override with --set section.field=value)\n"
         "model.vocab_size, model.n_classes and model.max_seq_len are filled in from the task at training time."))
     if args.output:
@@ -155,8 +169,10 @@ def cmd_config(args) -> int:
 
 
 def cmd_tasks(args) -> int:
+    from .data.files import ENV_DATA_DIR, data_dir
     from .train.tasks import TASKS
 
+    print(f"DATA_DIR = {data_dir()} (${ENV_DATA_DIR}; `chiar download NAME` fills it)")
     width = max(len(n) for n in TASKS)
     for name, spec in TASKS.items():
         print(f"{name:<{width}}  {spec.kind:<3}  {spec.description}")
@@ -176,11 +192,13 @@ def cmd_quickstart(args) -> int:
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="chiar", description="CHIAR-Former: train, evaluate and analyse spectral-entropy routing.")
+    parser.add_argument("--version", action="version", version=f"chiar {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("quickstart", help="train baseline and CHIAR-Former on generated ListOps (CPU, no downloads, < 5 min)")
+    p = sub.add_parser("quickstart", help="train baseline and CHIAR-Former on generated ListOps (CPU, no downloads, "
+                                          "about 4 min on 2 cores)")
     p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps per model (default 1000: about 2 min each on 2 cores)")
+                   help="optimizer steps per model (default 1000: about 4 min for both models on 2 cores)")
     p.add_argument("--examples", type=int, default=None, help="generated training expressions (default 16000)")
     p.add_argument("--lengths", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="ListOps lengths, exclusive bounds (default 30 150; LRA: 500 2000)")
@@ -234,10 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _register_plugins(sub) -> None:
     from . import hf_export, textgen
     from .analysis import cli as analysis_cli
+    from .data import download
 
     analysis_cli.register(sub)
     textgen.register(sub)
     hf_export.register(sub)
+    download.register(sub)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("chiarformer")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,7 +51,7 @@ def gaussian_entropy(d: int) -> float:
 @dataclass
 class ChiarConfig:
     # --- sizes ---
-    vocab_size: int = 50257  # GPT-2 BPE
+    vocab_size: int = 50257  # vocabulary size; tasks set it from their tokenizer (GPT-2 BPE 50257, bytes 257)
     d_model: int = 256  # hidden size d (the DCT runs along this axis)
     n_heads: int = 4  # attention heads; d_model must divide evenly
     n_layers: int = 4  # transformer layers

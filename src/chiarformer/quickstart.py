@@ -6,7 +6,8 @@ vocabulary; at lengths 50-250 and depth <= 6 neither model beats the majority cl
 minutes of CPU training, measured: val accuracy 0.19-0.20 after 1000 steps),
 both models are trained with the regular engine (same data, seed, steps and optimiser), and a
 side-by-side table reports accuracy (validation, and test once on the best-validation
-checkpoint), parameters, measured training tokens/s, the attention share per layer and the
+checkpoint), parameters, training tokens/s (median over logged windows, flagged when the machine
+is loaded), the attention share per layer and the
 analytic forward multiply-adds (chiarformer.flops) at the mean test length.
 
 CHIAR-Former here is layout dct_attn with routing="topk", attn_fraction=0.25: in each routed
@@ -26,7 +27,7 @@ from pathlib import Path
 from .config import layer_letters
 from .errors import UserError
 
-# Sized to finish both models in under 5 minutes on 2 CPU cores (see docs/training.md).
+# Sized to finish both models in about 4 minutes on 2 CPU cores (see docs/training.md).
 DEFAULT_STEPS = 1000
 DEFAULT_TRAIN = 16000
 DEFAULT_LENGTHS = (30, 150)
@@ -84,7 +85,7 @@ def run_quickstart(steps: int | None = None, seed: int = 0, out: str | None = No
         if not quiet:
             print(f"chiar quickstart: ListOps ({n_train} generated training expressions), {steps} steps per model, "
                   f"CPU, {threads or os.cpu_count()} thread(s)", file=sys.stderr, flush=True)
-        rows, data = {}, None
+        rows, data, loads = {}, None, []
         for name, layout, extra in MODELS:
             cfg = resolve("listops", "tiny", layout, sets=sets + extra)
             if data is None:  # both models read the same data
@@ -93,10 +94,12 @@ def run_quickstart(steps: int | None = None, seed: int = 0, out: str | None = No
                 print(f"--- training {name} ({layout}{', ' + cfg.model.routing if cfg.model.routed_layers else ''})",
                       file=sys.stderr, flush=True)
             t0 = time.perf_counter()
+            loads.append(machine_load())
             results = train(cfg, root / _folder(name), quiet=quiet, data=data)
             rows[name] = {"cfg": cfg, "results": results, "wall_s": time.perf_counter() - t0,
                           "run_dir": root / _folder(name)}
-        table = format_table(rows, data, steps, n_train, time.perf_counter() - started)
+        loads = [x for x in loads + [machine_load()] if x is not None]
+        table = format_table(rows, data, steps, n_train, time.perf_counter() - started, max(loads) if loads else None)
         print(table)
         if out is not None:
             (root / "quickstart.txt").write_text(table + "\n")
@@ -112,7 +115,7 @@ def _folder(name: str) -> str:
     return "quickstart-" + name.lower().replace(" ", "-")
 
 
-def format_table(rows: dict, data, steps: int, n_train: int, total_s: float) -> str:
+def format_table(rows: dict, data, steps: int, n_train: int, total_s: float, load: float | None = None) -> str:
     from . import flops
 
     names = list(rows)
@@ -143,7 +146,8 @@ def format_table(rows: dict, data, steps: int, n_train: int, total_s: float) -> 
         if key == "test":
             return f"{r['test']['accuracy']:.3f}"
         if key == "tok_s":
-            return f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
+            rate = median_tokens_per_s(row["run_dir"])
+            return f"{rate:,.0f}" if rate else "-"
         if key == "attn":
             return " ".join(f"{layer[1]:.2f}" for layer in r["test"]["op_share"])
         if key == "flops":
@@ -159,7 +163,7 @@ def format_table(rows: dict, data, steps: int, n_train: int, total_s: float) -> 
         ("parameters", "params"),
         ("val accuracy (best)", "val"),
         ("test accuracy (once, best ckpt)", "test"),
-        ("train tokens/s (measured)", "tok_s"),
+        ("train tokens/s (median, noisy)", "tok_s"),
         ("attention share per layer", "attn"),
         (f"forward MACs/token (T={mean_len})", "flops"),
         ("wall time", "wall"),
@@ -190,9 +194,33 @@ def format_table(rows: dict, data, steps: int, n_train: int, total_s: float) -> 
         "",
         "attention share: fraction of (non-padding) test tokens each layer sent to attention; "
         "MACs: chiarformer.flops, measured shares, bidirectional scores over T keys.",
-        f"total time {total_s:.0f} s. Full-size runs: `chiar train --task listops ...` (docs/training.md).",
+        f"tokens/s: median over the logged windows of {cfg0.train.log_every} steps; it varies by 2x or more with "
+        "what else the machine runs, so compare the two models only from one quiet run.",
     ]
+    if load is not None and load > (os.cpu_count() or 1):
+        lines.append(f"WARNING: the machine's load average reached {load:.1f} on {os.cpu_count()} core(s) during this "
+                     "run: the tokens/s and wall times above are not a fair comparison.")
+    lines.append(f"total time {total_s:.0f} s. Full-size runs: `chiar train --task listops ...` (docs/training.md).")
     return "\n".join(lines)
+
+
+def median_tokens_per_s(run_dir: Path) -> float | None:
+    """Median training tokens/s over the run's logged windows (metrics.jsonl); robust to a slow stretch."""
+    import json
+    import statistics
+
+    path = Path(run_dir) / "metrics.jsonl"
+    rates = [rec["tokens_per_s"] for rec in map(json.loads, path.read_text().splitlines())
+             if rec.get("kind") == "train" and rec.get("tokens_per_s")] if path.is_file() else []
+    return statistics.median(rates) if rates else None
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _routed_shares(results: dict, cfg) -> list[float] | None:

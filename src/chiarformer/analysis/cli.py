@@ -74,7 +74,9 @@ def cmd_calibrate(args) -> int:
         if args.dry_run:
             print("dry run: nothing stored")
         else:
-            print(f"stored taus {result.taus} in {args.run}/config.yaml, its checkpoints and calibration.json")
+            print(f"rewrote the run {args.run} in place: taus {result.taus} are now in its config.yaml, its best and "
+                  "last checkpoints and calibration.json (to keep the old run, copy the folder first; --dry-run "
+                  "changes nothing)")
     return 0
 
 
@@ -194,9 +196,11 @@ def register(subparsers) -> None:
     from ..flops import DCT_COSTS, SCORE_CONVENTIONS
 
     p = subparsers.add_parser(
-        "calibrate", help="set routing thresholds (tau) from data so attention gets a target share of tokens",
-        description="Calibrate the entropy thresholds of a run's routed layers and store them in the run "
-                    "(config.yaml, checkpoints, calibration.json). hidden: per layer, the (1 - target) quantile of "
+        "calibrate", help="set routing thresholds (tau) from data so attention gets a target share of tokens "
+                          "(rewrites the run in place)",
+        description="Calibrate the entropy thresholds of a run's routed layers and REWRITE THE RUN IN PLACE with "
+                    "them (config.yaml, best and last checkpoints, calibration.json); copy the run folder first to "
+                    "keep the old taus, or pass --dry-run to only print them. hidden: per layer, the (1 - target) quantile of "
                     "the entropies that layer's router sees on validation data. paper: the published procedure "
                     "(33rd/67th percentiles of the token embeddings' entropy of a trained baseline; midpoint).")
     p.add_argument("--run", required=True, metavar="runs/NAME")
@@ -213,7 +217,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--max-batches", type=int, default=16, help="batches of evenly spaced examples (0 = whole split)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dry-run", action="store_true", help="print the taus, store nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the taus, leave the run unchanged")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
 

@@ -107,7 +107,7 @@ def _protocol_text(s: RunSummary) -> str:
     if proto.get("stride"):
         parts.append(f"stride {proto['stride']}")
     if proto.get("proxy"):
-        parts.append(f"PROXY: {proto['proxy']}")
+        parts.append("proxy data, not the official protocol")
     return "; ".join(parts) or "-"
 
 
@@ -245,6 +245,16 @@ def _slug(name: str) -> str:
 
 
 def plot_training_curves(summaries: list[RunSummary], path: Path) -> Path | None:
+    fig = training_curves_figure(summaries)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def training_curves_figure(summaries: list[RunSummary]):
+    """Loss against tokens seen (all runs); validation accuracy of classification runs beside it."""
     plt = _plt()
     has_acc = any(s.kind == "cls" for s in summaries)
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 7, 4.2), squeeze=False)
@@ -263,7 +273,7 @@ def plot_training_curves(summaries: list[RunSummary], path: Path) -> Path | None
             ax.plot([x_of(r["step"]) for r in val], [r["loss"] for r in val], "o--", color=color, ms=4, lw=0.8,
                     label=f"{s.name} val")
             drawn = True
-        if has_acc:
+        if has_acc and s.kind == "cls":  # an LM's next-token accuracy is another quantity: not on this axis
             acc = [r for r in val if r.get("accuracy") is not None]
             if acc:
                 axes[0][1].plot([x_of(r["step"]) for r in acc], [r["accuracy"] for r in acc], "o-", color=color,
@@ -277,12 +287,11 @@ def plot_training_curves(summaries: list[RunSummary], path: Path) -> Path | None
     ax.legend(fontsize=7)
     if has_acc:
         axes[0][1].set_xlabel("tokens seen")
-        axes[0][1].set_ylabel("validation accuracy")
+        axes[0][1].set_ylabel("classification accuracy (validation)")
+        axes[0][1].set_title("classification runs")
         axes[0][1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _tokens_at_step(metrics: list[dict]):

@@ -165,7 +165,7 @@ def render_html(view: RouteView, title: str = "CHIAR-Former routing", all_layers
         "(from its own forward pass). Hover a token for its spectral entropy H and operator at every layer. "
         f"Routing: {html.escape(view.routing)}.</p>"
     )
-    legend = " ".join(f'<span class="tok op{op}">{OP_LABELS[op]}</span>' for op in sorted(OP_COLORS))
+    legend = " ".join(f'<span class="tok op{op}">{OP_LABELS[op]}</span>' for op in present_ops(view, shown))
     body.append(f"<p>Legend: {legend}</p>")
     if view.truncated:
         body.append(f"<p>The text was truncated: {view.truncated} token(s) beyond max_seq_len were dropped.</p>")
@@ -194,7 +194,25 @@ def render_html(view: RouteView, title: str = "CHIAR-Former routing", all_layers
 
 
 # --------------------------------------------------------------------------- PNG
-def render_png(view: RouteView, path: str | Path, all_layers: bool = False, title: str | None = None) -> Path:
+def tau_margin(view: RouteView, i: int) -> np.ndarray | None:
+    """H - tau per token of layer i (the nearest tau in three-operator layers); None without a tau."""
+    taus = view.taus.get(i)
+    if not taus:
+        return None
+    gaps = view.entropy[i][None, :] - np.asarray(taus, dtype=np.float64)[:, None]  # (n_taus, T)
+    return gaps[np.abs(gaps).argmin(axis=0), np.arange(gaps.shape[1])]
+
+
+def present_ops(view: RouteView, layers: list[int]) -> list[int]:
+    """Operators some token took in the given layers, in the order DCT, attention, RBF."""
+    taken = {int(o) for i in layers for o in view.ops[i]}
+    return [op for op in (DCT, ATTN, RBF) if op in taken]
+
+
+def route_figure(view: RouteView, all_layers: bool = False, title: str | None = None):
+    """Two panels over the tokens: the operator each took per layer (legend: operators present), and
+    the spectral entropy H on a colour scale with, in each cell, the margin H - tau (or H itself
+    when the routing has no tau)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,27 +222,44 @@ def render_png(view: RouteView, path: str | Path, all_layers: bool = False, titl
 
     shown = view.shown(all_layers)
     n = len(view.ids)
-    grid = view.ops[shown]
+    fig_w = min(40.0, max(6.0, 0.32 * n + 3.0))
+    row_h = 0.55 * len(shown) + 0.6
+    fig, (ax_op, ax_h) = plt.subplots(2, 1, figsize=(fig_w, 2 * row_h + 1.6), sharex=True)
     cmap = ListedColormap([OP_COLORS[DCT], OP_COLORS[ATTN], OP_COLORS[RBF]])
-    fig_w = min(40.0, max(6.0, 0.32 * n + 2.0))
-    fig, ax = plt.subplots(figsize=(fig_w, 1.0 + 0.55 * len(shown) + 0.8))
-    ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=2.5, aspect="auto", interpolation="nearest")
+    ax_op.imshow(view.ops[shown], cmap=cmap, vmin=-0.5, vmax=2.5, aspect="auto", interpolation="nearest")
+    ax_op.legend(handles=[Patch(color=OP_COLORS[op], label=OP_LABELS[op]) for op in present_ops(view, shown)],
+                 loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax_op.set_title(title or "operator per token", fontsize=9)
+    entropy = view.entropy[shown]
+    im = ax_h.imshow(entropy, cmap="viridis", aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=[ax_op, ax_h], label="spectral entropy H", fraction=0.03, pad=0.12)
+    margins = {i: tau_margin(view, i) for i in shown}
     if n <= 80:
+        lo, hi = float(entropy.min()), float(entropy.max())
         for r, i in enumerate(shown):
             for t in range(n):
-                ax.text(t, r, f"{view.entropy[i, t]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if int(view.ops[i, t]) == DCT else "black")
-    ax.set_yticks(range(len(shown)), [_layer_title(view, i) for i in shown], fontsize=8)
+                value = margins[i][t] if margins[i] is not None else view.entropy[i, t]
+                text = f"{value:+.3f}".replace("0.", ".", 1) if margins[i] is not None else f"{value:.2f}"
+                light = hi > lo and (view.entropy[i, t] - lo) / (hi - lo) > 0.6  # viridis is light at the top
+                ax_h.text(t, r, text, ha="center", va="center", fontsize=5.5, color="black" if light else "white")
+    what = "cell text: H - tau (above 0: attention side)" if any(m is not None for m in margins.values()) else \
+        f"cell text: H ({view.routing} routing has no tau)"
+    ax_h.set_title(f"spectral entropy H seen by the router; {what}", fontsize=9)
+    for ax in (ax_op, ax_h):
+        ax.set_yticks(range(len(shown)), [_layer_title(view, i) for i in shown], fontsize=8)
     if n <= 200:
-        ax.set_xticks(range(n), [t if len(t) <= 12 else t[:11] + "\u2026" for t in view.tokens], rotation=90, fontsize=7)
+        ax_h.set_xticks(range(n), [t if len(t) <= 12 else t[:11] + "\u2026" for t in view.tokens], rotation=90, fontsize=7)
     else:
-        ax.set_xlabel("token position")
-    ax.legend(handles=[Patch(color=OP_COLORS[op], label=OP_LABELS[op]) for op in (DCT, ATTN, RBF)],
-              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    ax.set_title(title or "operator per token (cell text: spectral entropy H seen by the router)", fontsize=9)
-    fig.tight_layout()
+        ax_h.set_xlabel("token position")
+    return fig
+
+
+def render_png(view: RouteView, path: str | Path, all_layers: bool = False, title: str | None = None) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = route_figure(view, all_layers, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -20,7 +20,8 @@ Tasks: wikitext2, wikitext103, wikitext2-proxy, imdb-lm-proxy, text, imdb, lra-t
 listops-flat (TASKS has one line on each). Building blocks: gpt2_tokenizer / ByteTokenizer
 (tokenizer.py), WikiText sources (wikitext.py), IMDB (imdb.py), ListOps generation and TSV
 files (listops.py), users' text files (text.py), the verified disk cache (cache.py).
-Data folder: CHIAR_DATA_DIR or ../shared/data; cache: CHIAR_CACHE_DIR or ~/.cache/chiarformer.
+Data folder: CHIAR_DATA_DIR or ~/.cache/chiarformer/data (`chiar download` fills it, download.py);
+cache: CHIAR_CACHE_DIR or ~/.cache/chiarformer.
 Every user mistake raises chiarformer.errors.UserError with a one-line message.
 """
 

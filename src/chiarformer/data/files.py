@@ -1,8 +1,8 @@
 """Where data and caches live, and reading users' files safely.
 
-Data folder, in order: an explicit argument, env CHIAR_DATA_DIR, the development checkout's
-../shared/data, ./data. Cache folder: an explicit argument, env CHIAR_CACHE_DIR,
-~/.cache/chiarformer. Text files are read as strict UTF-8 in blocks, so a bad byte is
+Data folder, in order: an explicit argument, env CHIAR_DATA_DIR, ~/.cache/chiarformer/data
+(where `chiar download` writes by default). Cache folder: an explicit argument, env
+CHIAR_CACHE_DIR, ~/.cache/chiarformer. Text files are read as strict UTF-8 in blocks, so a bad byte is
 reported with its file offset instead of being replaced silently; line endings become "\n".
 """
 
@@ -19,8 +19,6 @@ from ..errors import UserError
 
 ENV_DATA_DIR = "CHIAR_DATA_DIR"
 ENV_CACHE_DIR = "CHIAR_CACHE_DIR"
-# In a development checkout the shared data sits next to the repository (repo/../shared/data).
-_CHECKOUT_DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
 _BLOCK = 1 << 22
 
 
@@ -29,11 +27,12 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
     if explicit is not None:
         return Path(explicit).expanduser()
     env = os.environ.get(ENV_DATA_DIR)
-    if env:
-        return Path(env).expanduser()
-    if _CHECKOUT_DATA.is_dir():
-        return _CHECKOUT_DATA
-    return Path("data")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "chiarformer" / "data"
+
+
+def fetch_hint(command: str) -> str:
+    """How to get missing data, for "not found" errors: the exact `chiar download` command."""
+    return f"get it with `chiar download {command}` (writes into {data_dir()}; {ENV_DATA_DIR} chooses the folder)"
 
 
 def cache_dir(explicit: str | os.PathLike | None = None) -> Path:

@@ -45,7 +45,7 @@ def load_hf_dataset(repo: str, config: str | None, split: str):
     try:
         import datasets
     except ImportError:
-        raise SourceUnavailable(f"Hugging Face {repo} (package `datasets` not installed)") from None
+        raise SourceUnavailable(f'Hugging Face {repo} (package `datasets` not installed: pip install -e ".[hf]")') from None
     if not _offline() and not reachable("huggingface.co"):
         raise SourceUnavailable(f"Hugging Face {repo} (huggingface.co unreachable)")
     try:

@@ -6,7 +6,7 @@
 Sources, tried in order in the data folder (with `path`, only there):
 1. the aclImdb folder layout: aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt;
 2. JSON lines imdb_{train,test}.jsonl[.xz] with fields `text` and `label` (in imdb/ or the
-   data folder itself), as in ../shared/data/imdb;
+   data folder itself);
 3. Hugging Face parquet files plain_text/{train,test}-*.parquet (stanfordnlp/imdb layout,
    columns `text` and `label`);
 4. `datasets.load_dataset("stanfordnlp/imdb")` when installed and the hub answers.
@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import UserError
 from .cache import Cache
 from .classification import ClassificationData
-from .files import checksum
+from .files import checksum, fetch_hint
 from .files import data_dir as resolve_data_dir
 from .hub import SourceUnavailable, load_hf_dataset
 
@@ -159,7 +159,7 @@ def imdb_source(split: str, data_dir: str | os.PathLike | None = None, path: str
             return _hf_source(split)
         except SourceUnavailable as e:
             tried.append(str(e))
-    raise UserError(f"IMDB split '{split}' not found; tried: {', '.join(tried)}")
+    raise UserError(f"IMDB split '{split}' not found: {fetch_hint('imdb')}; tried: {', '.join(tried)}")
 
 
 def load_imdb(split: str, data_dir=None, path=None) -> tuple[list[str], np.ndarray, str]:

@@ -14,7 +14,7 @@ no validation split it is carved from the training data (the last fraction of th
 tokens for text, a seeded stratified sample for labelled examples). Proxies say so in their
 name and in protocol["proxy"]. Unknown task names or options raise UserError.
 
-Common keyword arguments: data_dir (default CHIAR_DATA_DIR or ../shared/data), cache_dir
+Common keyword arguments: data_dir (default CHIAR_DATA_DIR or ~/.cache/chiarformer/data), cache_dir
 (default CHIAR_CACHE_DIR or ~/.cache/chiarformer), seq_len (LM context, or classification
 length; None = the task's published default). LM tasks also take stride (evaluation stride,
 default = seq_len, the published non-overlapping protocol) and tokenizer ("gpt2" or "bytes").
@@ -47,8 +47,8 @@ LISTOPS_CPU = {"n_train": 20_000, "n_val": 1_000, "n_test": 1_000,
                "min_length": 50, "max_length": 250, "max_depth": 6, "max_args": 10}
 
 TASKS = {
-    "wikitext2": "LM on WikiText-2 train/valid/test (needs wiki.train.*, not on the shared machines)",
-    "wikitext103": "LM on WikiText-103 train/valid/test (official files, HF parquet or HF datasets)",
+    "wikitext2": "LM on WikiText-2 train/valid/test (`chiar download wikitext2`)",
+    "wikitext103": "LM on WikiText-103 train/valid/test (`chiar download wikitext103`)",
     "wikitext2-proxy": "PROXY LM: train on WikiText-2 valid (val = its last 10%), test on WikiText-2 test",
     "imdb-lm-proxy": "PROXY LM: IMDB train review text (val = 10% of reviews), test on IMDB test review text",
     "text": "LM on your UTF-8 files: train=, optional val= and test= (else carved from train's tail)",

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .files import data_dir
+from .files import data_dir, fetch_hint
 from .hub import reachable
 
 ENV_GPT2_DIR = "CHIAR_GPT2_DIR"
@@ -190,8 +190,8 @@ def gpt2_tokenizer(path: str | os.PathLike | None = None) -> GPT2Tokenizer:
         return GPT2Tokenizer(gpt2()["mergeable_ranks"], "tiktoken download")
     tried.append("tiktoken download (host unreachable)")
     raise UserError(
-        f"GPT-2 tokenizer files not found; tried: {', '.join(tried)}. Put encoder.json + vocab.bpe "
-        f"(or vocab.json + merges.txt) in a folder and set {ENV_GPT2_DIR}=<folder>"
+        f"GPT-2 tokenizer files not found: {fetch_hint('gpt2-tokenizer')}, or set {ENV_GPT2_DIR} to a folder "
+        f"holding encoder.json + vocab.bpe (or vocab.json + merges.txt); tried: {', '.join(tried)}"
     )
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import UserError
 from .cache import Cache
-from .files import checksum
+from .files import checksum, fetch_hint
 from .files import data_dir as resolve_data_dir
 from .hub import SourceUnavailable, load_hf_dataset
 from .text import TextSource, corpus_tokens, file_source
@@ -128,9 +128,10 @@ def wikitext_source(
             return _hf_source(version, split, variant)
         except SourceUnavailable as e:
             tried.append(str(e))
+    command = f"wikitext{version}" + (" --variant tokens" if variant == "tokens" else "")
     raise UserError(
-        f"WikiText-{version} ({variant}) split '{split}' not found; tried: {', '.join(tried)}. "
-        f"Put the official wiki.*.{variant} files or HF parquet files ({HF_REPO}/{hf_config(version, variant)}) there"
+        f"WikiText-{version} ({variant}) split '{split}' not found: {fetch_hint(command)}, or put the official "
+        f"wiki.*.{variant} files there; tried: {', '.join(tried)}"
     )
 
 

@@ -67,7 +67,7 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    data_dir: str = ""  # folder holding the datasets; "" = $CHIAR_DATA_DIR, else ../shared/data next to the repo, else ./data
+    data_dir: str = ""  # folder holding the datasets; "" = $CHIAR_DATA_DIR, else ~/.cache/chiarformer/data (chiar download)
     cache_dir: str = ""  # token and ListOps caches; "" = $CHIAR_CACHE_DIR, else ~/.cache/chiarformer
     path: str = ""  # one dataset folder to read instead of searching data_dir (WikiText, IMDB, ListOps TSV files)
     seq_len: int = 256  # context: tokens per LM window, longest classification input (published: 256)

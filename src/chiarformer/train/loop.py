@@ -34,6 +34,7 @@ from .evaluate import N_OPS, eval_protocol, evaluate, op_counts, shares
 
 # A test hook: seconds to sleep after every optimizer step (lets a test kill a run mid-training).
 STEP_DELAY_ENV = "CHIAR_DEBUG_STEP_DELAY"
+PROGRESS_S = 10.0  # seconds between plain progress lines when there is no progress bar
 
 
 class TrainingDiverged(UserError):
@@ -437,6 +438,8 @@ class Trainer:
         delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
         window = torch.zeros(4 + self.n_layers * N_OPS, dtype=torch.float64, device=self.device)
         window_time, out = 0.0, None
+        # Without a bar (output to a file or pipe) a plain progress line at least every PROGRESS_S seconds.
+        last_line = time.monotonic() if self.bar is None and not self.quiet and t.progress else None
         try:
             while self.step < self.max_steps:
                 start = time.perf_counter()
@@ -461,6 +464,11 @@ class Trainer:
                     self.save_checkpoint("last")
                 if self.bar is not None:
                     self.bar.update(1)
+                elif last_line is not None and time.monotonic() - last_line >= PROGRESS_S:
+                    stats = out["stats"]
+                    self.say(f"step {self.step}/{self.max_steps}: loss {float(stats[0] / stats[1]):.4f} (this step), "
+                             f"{self.train_time:.0f} s of training")
+                    last_line = time.monotonic()
             return self.finish()
         finally:
             if self.bar is not None:

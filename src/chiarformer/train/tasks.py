@@ -48,20 +48,21 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in [
-        TaskSpec("wikitext103", "lm", "wiki.{train,valid,test}.raw in DATA_DIR/wikitext-103-raw (official zip), HF "
-                 "parquet, or the `datasets` library online", LM_DEFAULTS),
-        TaskSpec("wikitext2", "lm", "wiki.{train,valid,test}.raw in DATA_DIR/wikitext-2-raw or wikitext2_raw, HF "
-                 "parquet, or `datasets` online (the train split is not on the shared machines)", LM_DEFAULTS),
-        TaskSpec("wikitext2-proxy", "lm", "DATA_DIR/wikitext2_raw/wiki.{valid,test}.raw (on the shared machines)",
-                 {**LM_DEFAULTS, "train": {**_LM_TRAIN, "batch_size": 32}}),
-        TaskSpec("imdb-lm-proxy", "lm", "DATA_DIR/imdb/imdb_{train,test}.jsonl.xz, an aclImdb folder, or HF parquet",
+        TaskSpec("wikitext103", "lm", "`chiar download wikitext103` (HF parquet into DATA_DIR/wikitext-103-raw-v1), "
+                 "or the official wiki.*.raw in DATA_DIR/wikitext-103-raw", LM_DEFAULTS),
+        TaskSpec("wikitext2", "lm", "`chiar download wikitext2` (HF parquet into DATA_DIR/wikitext-2-raw-v1), or the "
+                 "official wiki.*.raw in DATA_DIR/wikitext-2-raw", LM_DEFAULTS),
+        TaskSpec("wikitext2-proxy", "lm", "the valid and test splits of WikiText-2: `chiar download wikitext2`, or "
+                 "wiki.{valid,test}.raw in DATA_DIR/wikitext2_raw", {**LM_DEFAULTS, "train": {**_LM_TRAIN, "batch_size": 32}}),
+        TaskSpec("imdb-lm-proxy", "lm", "`chiar download imdb`, or DATA_DIR/imdb/imdb_{train,test}.jsonl.xz, or an "
+                 "aclImdb folder",
                  {**LM_DEFAULTS, "train": {**_LM_TRAIN, "epochs": 2.0}}),
         TaskSpec("text", "lm", "your UTF-8 files: --set data.train_files=[a.txt] (optional val_files/test_files)",
                  {**LM_DEFAULTS, "train": {**_LM_TRAIN, "batch_size": 32, "epochs": 1.0}}),
-        TaskSpec("imdb", "cls", "DATA_DIR/imdb/imdb_{train,test}.jsonl.xz, an aclImdb folder, or HF parquet",
+        TaskSpec("imdb", "cls", "`chiar download imdb`, or DATA_DIR/imdb/imdb_{train,test}.jsonl.xz, or an aclImdb folder",
                  {"preset": "paper-17m", "model": {"n_classes": 2}, "train": _CLS_TRAIN,
                   "data": {"seq_len": 256, "tokenizer": "gpt2"}}),
-        TaskSpec("lra-text", "cls", "DATA_DIR/imdb/imdb_{train,test}.jsonl.xz, an aclImdb folder, or HF parquet",
+        TaskSpec("lra-text", "cls", "`chiar download imdb`, or DATA_DIR/imdb/imdb_{train,test}.jsonl.xz, or an aclImdb folder",
                  {"preset": "paper-17m", "model": {"n_classes": 2, "bidirectional": True},
                   "train": {**_LRA_TRAIN, "max_steps": 20000, "bucket_batches": 16},
                   "data": {"seq_len": 1000, "tokenizer": "bytes"}}),
