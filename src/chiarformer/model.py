@@ -19,7 +19,7 @@ from .errors import UserError
 from .gather import merge_rows
 from .layers import DCTMixer, FeedForward, TokenMixer, round_up
 from .ops import spectral_entropy
-from .routing import Decision, MetaRouter, Router, RoutingInfo, collapse_penalty
+from .routing import Decision, MetaRouter, Router, RoutingInfo, capacity_slots, collapse_penalty
 
 
 @dataclass
@@ -31,10 +31,11 @@ class KVCache:
     key_mask: torch.Tensor | None = None  # (B, T_seen) real tokens, or None when all are
     meta_sum: torch.Tensor | None = None  # running sum of the MetaRouter's input
     length: int = 0
+    attn_counts: list = field(default_factory=list)  # capacity routing: (B,) attention tokens so far, per layer
 
     @classmethod
     def empty(cls, n_layers: int) -> KVCache:
-        return cls(keys=[None] * n_layers, values=[None] * n_layers)
+        return cls(keys=[None] * n_layers, values=[None] * n_layers, attn_counts=[None] * n_layers)
 
 
 class ChiarLayer(nn.Module):
@@ -53,6 +54,7 @@ class ChiarLayer(nn.Module):
         self.dct_impl = cfg.dct_impl
         self.mixer = TokenMixer(cfg, with_rbf=RBF in self.ops) if ATTN in self.ops or RBF in self.ops else None
         self.router = Router(cfg, self.ops, cfg.layer_taus(index)) if len(self.ops) > 1 else None
+        self.capacity = self.router is not None and cfg.routing == "capacity"
         self.norm_mix = nn.LayerNorm(cfg.d_model)
         self.norm_ffn = nn.LayerNorm(cfg.d_model)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
@@ -78,7 +80,10 @@ class ChiarLayer(nn.Module):
             entropy = spectral_entropy(h, self.dct_impl)  # no gradient: routers learn through their Linear
         new_mask = None if key_mask is None else key_mask[:, -h.shape[1] :]
         if self.router is not None:
-            decision = self.router(h, entropy, new_mask)
+            before = cache.attn_counts[index] if cache is not None else None
+            decision = self.router(h, entropy, new_mask, pos, before)
+            if cache is not None:
+                cache.attn_counts[index] = decision.attn_count
         else:
             decision = Decision(torch.full(h.shape[:2], self.ops[0], device=h.device, dtype=torch.long), None, None)
         k = v = None
@@ -89,30 +94,72 @@ class ChiarLayer(nn.Module):
                     k = torch.cat([cache.keys[index], k], dim=2)
                     v = torch.cat([cache.values[index], v], dim=2)
                 cache.keys[index], cache.values[index] = k, v
-        mix = self.mix_dense if self.dense else self.mix_sparse
-        mixed = mix(h, decision, k, v, pos, key_mask)
+        if self.dense:
+            mixed = self.mix_dense(h, decision, k, v, pos, key_mask)
+        elif h.shape[1] == 1:  # decoding: one token per sequence, no gather to save work on
+            mixed = self.mix_dense(h, decision, k, v, pos, key_mask, self.chosen_ops(decision))
+        elif self.capacity:
+            mixed = self.mix_capacity(h, decision, k, v, pos, key_mask, cache.length if cache is not None else 0)
+        else:
+            mixed = self.mix_sparse(h, decision, k, v, pos, key_mask)
         if decision.weight is not None:
             mixed = mixed * decision.weight[..., None].to(mixed.dtype)
         return mixed, decision, entropy
 
     # ------------------------------------------------------------------ execution
-    def mix_dense(self, h, decision, k, v, pos, key_mask):
-        """Published behaviour: every operator on every token, then select (or blend)."""
+    def mix_dense(self, h, decision, k, v, pos, key_mask, ops=None):
+        """Published behaviour: every operator on every token, then select (or blend).
+
+        ops: compute only these operators (those some token chose), e.g. one at batch 1 decoding.
+        """
+        ops = self.ops if ops is None else ops
         outs = {}
-        if self.dct is not None:
+        if DCT in ops:
             outs[DCT] = self.dct(h)
-        if self.mixer is not None:
+        if ATTN in ops or RBF in ops:
             q = self.mixer.queries(h, pos)
-            if ATTN in self.ops:
+            if ATTN in ops:
                 outs[ATTN] = self.mixer.project_out(self.mixer.attend(q, k, v, pos, key_mask, self.causal))
-            if RBF in self.ops:
+            if RBF in ops:
                 outs[RBF] = self.mixer.project_out(self.mixer.rbf(q, k, v, key_mask, self.causal))
         if decision.probs is not None and decision.weight is None:  # soft: blend by probability
             return sum(decision.probs[..., i, None].to(h.dtype) * outs[op] for i, op in enumerate(self.router.order))
-        mixed = outs[self.ops[0]]
-        for op in self.ops[1:]:
+        mixed = outs[ops[0]]
+        for op in ops[1:]:
             mixed = torch.where((decision.ops == op)[..., None], outs[op], mixed)
         return mixed
+
+    def chosen_ops(self, decision) -> tuple[int, ...]:
+        """The operators some token chose (one host sync over B values); soft routing blends all."""
+        if decision.probs is not None and decision.weight is None:
+            return self.ops
+        chosen = set(decision.ops.flatten().tolist())
+        return tuple(op for op in self.ops if op in chosen)
+
+    def mix_capacity(self, h, decision, k, v, pos, key_mask, offset: int):
+        """Capacity routing, static shapes: the cheap operators (DCT, linear-time RBF) on every
+        token, attention on a fixed number of query slots per sequence, written over them.
+
+        Per sequence, the slots hold the attention tokens in position order, padded with other
+        tokens whose attention output is discarded. No host sync and no data-dependent shape, so
+        torch.compile(fullgraph=True) and CUDA graphs can take the whole step.
+        """
+        b, t, d = h.shape
+        selected = decision.ops == ATTN
+        cheap = tuple(op for op in self.ops if op != ATTN)
+        base = self.mix_dense(h, decision, k, v, pos, key_mask, cheap)
+        n = capacity_slots(self.router.capacity_rate, offset, t)
+        if n == 0:
+            return base
+        idx = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, n)
+        valid = selected.gather(1, idx)
+        rows = idx[..., None].expand(b, n, d)
+        q_pos = pos[idx]
+        q = self.mixer.queries(h.gather(1, rows), q_pos)
+        y = self.mixer.project_out(self.mixer.attend(q, k, v, q_pos, key_mask, self.causal, static=True))
+        # Padding slots keep their token's cheap output, so the scatter rewrites it unchanged.
+        y = torch.where(valid[..., None], y.to(base.dtype), base.gather(1, rows))
+        return base.scatter(1, rows, y)
 
     def mix_sparse(self, h, decision, k, v, pos, key_mask):
         """Each operator computes only its own tokens: gather, compute, scatter.
