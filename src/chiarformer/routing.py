@@ -6,9 +6,8 @@ ordered by the entropy they serve: DCT (smooth, low H) < RBF < attention (high H
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
