@@ -170,9 +170,12 @@ def main() -> None:
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="also time torch.compile vs eager (minutes of compiling)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice, all cores)")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--skip-decoding", action="store_true")
     args = p.parse_args()
+    if args.threads:  # on a loaded machine one thread per process avoids OpenMP threads waiting on each other
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32; medians of {args.repeats} interleaved runs")
     if not args.skip_training:

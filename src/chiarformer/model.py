@@ -8,6 +8,7 @@ ChiarForSequenceClassification (masked mean pooling, MLP head).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,10 @@ class ChiarLayer(nn.Module):
         self.dct_impl = cfg.dct_impl
         self.mixer = TokenMixer(cfg, with_rbf=RBF in self.ops) if ATTN in self.ops or RBF in self.ops else None
         self.router = Router(cfg, self.ops, cfg.layer_taus(index)) if len(self.ops) > 1 else None
-        self.capacity = self.router is not None and cfg.routing == "capacity"
+        # Fixed query slots per sequence (no host sync, static shapes): capacity routing, and
+        # top-k with bidirectional attention, whose one attention call reads every key anyway.
+        self.static_slots = self.router is not None and (
+            cfg.routing == "capacity" or (cfg.routing == "topk" and cfg.bidirectional))
         self.norm_mix = nn.LayerNorm(cfg.d_model)
         self.norm_ffn = nn.LayerNorm(cfg.d_model)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
@@ -98,8 +102,8 @@ class ChiarLayer(nn.Module):
             mixed = self.mix_dense(h, decision, k, v, pos, key_mask)
         elif h.shape[1] == 1:  # decoding: one token per sequence, no gather to save work on
             mixed = self.mix_dense(h, decision, k, v, pos, key_mask, self.chosen_ops(decision))
-        elif self.capacity:
-            mixed = self.mix_capacity(h, decision, k, v, pos, key_mask, cache.length if cache is not None else 0)
+        elif self.static_slots:
+            mixed = self.mix_static(h, decision, k, v, pos, key_mask, cache.length if cache is not None else 0)
         else:
             mixed = self.mix_sparse(h, decision, k, v, pos, key_mask)
         if decision.weight is not None:
@@ -136,9 +140,9 @@ class ChiarLayer(nn.Module):
         chosen = set(decision.ops.flatten().tolist())
         return tuple(op for op in self.ops if op in chosen)
 
-    def mix_capacity(self, h, decision, k, v, pos, key_mask, offset: int):
-        """Capacity routing, static shapes: the cheap operators (DCT, linear-time RBF) on every
-        token, attention on a fixed number of query slots per sequence, written over them.
+    def mix_static(self, h, decision, k, v, pos, key_mask, offset: int):
+        """Static shapes: the cheap operators (DCT, linear-time RBF) on every token, attention on
+        a fixed number of query slots per sequence (the most the routing can send), written over them.
 
         Per sequence, the slots hold the attention tokens in position order, padded with other
         tokens whose attention output is discarded. No host sync and no data-dependent shape, so
@@ -148,7 +152,10 @@ class ChiarLayer(nn.Module):
         selected = decision.ops == ATTN
         cheap = tuple(op for op in self.ops if op != ATTN)
         base = self.mix_dense(h, decision, k, v, pos, key_mask, cheap)
-        n = capacity_slots(self.router.capacity_rate, offset, t)
+        if self.router.mode == "capacity":
+            n = capacity_slots(self.router.capacity_rate, offset, t)
+        else:  # top-k sends round(attn_fraction * length) <= this many tokens
+            n = min(t, math.ceil(self.router.attn_fraction * t))
         if n == 0:
             return base
         idx = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, n)
