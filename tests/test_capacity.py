@@ -140,3 +140,15 @@ def test_capacity_training_step_compiles_as_one_graph(layout):
     torch.testing.assert_close(out_c.loss, out_e.loss)
     for gc, ge in zip(grads_c, grads_e, strict=True):
         torch.testing.assert_close(gc, ge, atol=1e-5, rtol=1e-4)
+
+
+def test_calibration_sets_capacity_routing_taus():
+    from chiarformer.analysis.calibrate import calibrate_hidden
+    from chiarformer.analysis.common import Batch
+
+    cfg = capacity_config("dct_attn", 2).replace(tau=None)
+    model = build(ChiarForCausalLM, cfg, 2)
+    batches = [Batch(torch.randint(0, cfg.vocab_size, (4, 64)), None) for _ in range(2)]
+    calibration = calibrate_hidden(model, batches, target_attn=0.25)
+    for layer in calibration.layers:
+        assert 0.15 <= layer.achieved["attn"] <= 0.3125 + 1e-6  # never above the capacity bound
