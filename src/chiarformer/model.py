@@ -19,6 +19,7 @@ from .config import ATTN, DCT, RBF, ChiarConfig
 from .errors import UserError
 from .gather import merge_rows
 from .layers import DCTMixer, FeedForward, TokenMixer, round_up
+from .loss import cross_entropy
 from .ops import spectral_entropy
 from .routing import Decision, MetaRouter, Router, RoutingInfo, capacity_slots, collapse_penalty
 
@@ -344,7 +345,7 @@ class ChiarForCausalLM(ChiarPreTrained):
             # forward and zero-fill one in backward (a fifth of a paper-17m step). Position t
             # predicts labels[t + 1]; the last position has no target and is ignored.
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return ModelOutput(logits, loss, self.aux_loss(routing, logits), routing, gate)
 
     @torch.no_grad()
