@@ -157,8 +157,9 @@ def _tiny(**kw) -> ChiarConfig:
         (_tiny(execution="dense"), None),
         (_tiny(layout="three_op", tau=[[0.3, 0.9], [0.3, 0.9]]), "observed"),
         (_tiny(meta_router="causal", routing="topk", allow_noncausal=True, attn_fraction=0.5), 0.5),
+        (_tiny(routing="capacity", tau=0.0, attn_fraction=0.25), "observed"),  # every token a candidate, capped
     ],
-    ids=["baseline", "topk-0.25", "tau0-all-attn", "tau1-all-dct", "dense", "three-op", "meta-topk-0.5"],
+    ids=["baseline", "topk-0.25", "tau0-all-attn", "tau1-all-dct", "dense", "three-op", "meta-topk-0.5", "capacity"],
 )
 @pytest.mark.parametrize("t", [64, 192])
 def test_matches_flop_counter_mode(cfg, fraction, t):

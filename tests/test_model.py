@@ -404,10 +404,15 @@ def test_loss_is_shifted_next_token_cross_entropy():
     cfg = ChiarConfig.from_preset("tiny", layout="dct_attn", tau=0.8)
     model = build(ChiarForCausalLM, cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 20))
-    out = model(ids, labels=ids)
-    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
-    torch.testing.assert_close(out.loss, manual)
+    labels = ids.clone()
+    labels[0, 3:7] = -100  # ignored targets count neither in the sum nor in the mean
+    out = model(ids, labels=labels)
+    # The former formula: slice the logits (a full-size copy) and flatten.
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, cfg.vocab_size), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, manual, rtol=1e-6, atol=0)
     assert out.logits.shape == (2, 20, cfg.vocab_size)
+    grads = torch.autograd.grad(out.loss, model.model.embed.weight, retain_graph=True)[0]
+    torch.testing.assert_close(grads, torch.autograd.grad(manual, model.model.embed.weight)[0], rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("layout,routing", [("three_op", "threshold"), ("dct_attn", "topk")])

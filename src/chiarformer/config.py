@@ -25,7 +25,7 @@ def layer_letters(ops: tuple[int, ...]) -> str:
 
 
 LAYOUTS = ("baseline", "dct_attn", "three_op", "dct_only")
-ROUTINGS = ("threshold", "soft", "hard", "topk")
+ROUTINGS = ("threshold", "soft", "hard", "topk", "capacity")
 META_ROUTERS = ("none", "causal", "batch_mean")
 EXECUTIONS = ("sparse", "dense")
 NORMS = ("post", "pre", "per_operator")
@@ -61,12 +61,17 @@ class ChiarConfig:
 
     # --- which operator each layer may use ---
     layout: str = "dct_attn"  # baseline | dct_attn | three_op | dct_only | per-layer "D,DA,DRA,A"
-    routing: str = "threshold"  # threshold | soft | hard | topk (how routed layers choose)
+    routing: str = "threshold"  # threshold | soft | hard | topk | capacity (how routed layers choose)
     # Entropy threshold(s): None = the Gaussian-vector entropy at d_model (the published
     # operating point); a float for every routed layer; a list with one entry per routed
     # layer; for three-operator layers each entry is a pair (tau_low, tau_high).
     tau: float | list | None = None
-    attn_fraction: float = 0.25  # share of tokens sent to attention by routing="topk"
+    attn_fraction: float = 0.25  # share of tokens sent to attention by routing="topk"; the bound's share for "capacity"
+    # routing="capacity": threshold routing in which at most ceil(capacity_factor * attn_fraction
+    # * (p + 1)) of a sequence's first p + 1 tokens take attention (candidates above tau, earliest
+    # first; the overflow goes to the DCT). Causal, and every routed layer computes exactly
+    # ceil(capacity_factor * attn_fraction * T) query slots per sequence: static shapes, no host sync.
+    capacity_factor: float = 1.25
     collapse_reg: float = 0.0  # lambda of the collapse regulariser (published 0.01); soft/hard (see collapse_form)
     # probs: lambda * sum(u log u) of the mean router probabilities u (acts on the router) |
     # reference (published): the same on detached gates (one-hot for threshold/hard), threshold
@@ -196,6 +201,8 @@ class ChiarConfig:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.attn_fraction <= 1.0:
             raise UserError(f"attn_fraction must be in [0, 1], got {self.attn_fraction}")
+        if not self.capacity_factor > 0.0:
+            raise UserError(f"capacity_factor must be positive, got {self.capacity_factor}")
         if not 0.0 < self.meta_gate_init < 1.0:
             raise UserError(f"meta_gate_init must be in (0, 1), got {self.meta_gate_init}")
         choice("routing", ROUTINGS)

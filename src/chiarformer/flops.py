@@ -287,9 +287,15 @@ def _layer_macs(cfg, ops, shares, t: int, scores: str, dct_cost: str, routed: bo
         if cfg.routing in ("soft", "hard"):
             macs["router"] += (d + 1.0) * len(ops)
 
-    # Which tokens each operator actually runs on (execution shares).
-    run_dct = (1.0 if dense else p_dct) if DCT in ops else 0.0
+    # Which tokens each operator actually runs on (execution shares). Fixed query slots
+    # (model.ChiarLayer.mix_static) run the DCT on every token and attention on all slots.
+    static = routed and not dense and ATTN in ops and (
+        cfg.routing == "capacity" or (cfg.routing == "topk" and cfg.bidirectional))
+    run_dct = (1.0 if dense or static else p_dct) if DCT in ops else 0.0
     run_attn = (1.0 if dense else p_attn) if ATTN in ops else 0.0
+    if static:
+        rate = cfg.capacity_factor * cfg.attn_fraction if cfg.routing == "capacity" else cfg.attn_fraction
+        run_attn = min(t, math.ceil(rate * t)) / t
     run_rbf = (1.0 if (dense or p_rbf > 0) else 0.0) if RBF in ops else 0.0  # RBF runs over all positions
 
     if run_dct:
@@ -310,7 +316,11 @@ def _layer_macs(cfg, ops, shares, t: int, scores: str, dct_cost: str, routed: bo
         macs["out_proj"] = out_share * d * d
 
     if run_attn:
-        keys = _keys_per_query(t, run_attn, scores, bidirectional=cfg.bidirectional)
+        # fixed slots read every key in one call (kernel convention: the shapes handed over)
+        if static and scores == "kernel":
+            keys = float(t)
+        else:
+            keys = _keys_per_query(t, run_attn, scores, bidirectional=cfg.bidirectional)
         macs["scores"] = run_attn * 2.0 * d * keys
     if run_rbf:
         macs["rbf"] = run_rbf * _rbf_per_token(cfg, t, scores)

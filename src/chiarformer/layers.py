@@ -127,8 +127,10 @@ class _Rotate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        out = torch.empty_like(x)
         x1, x2 = x.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():  # it refuses out= into views, and fuses the formula anyway
+            return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        out = torch.empty_like(x)
         out1, out2 = out.chunk(2, dim=-1)
         torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
         torch.mul(x1, sin, out=out2).addcmul_(x2, cos)  # x1 sin + x2 cos
@@ -176,11 +178,12 @@ class TokenMixer(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
 
     # ------------------------------------------------------------------ kernels
-    def attend(self, q, k, v, q_pos, key_mask, causal: bool) -> torch.Tensor:
+    def attend(self, q, k, v, q_pos, key_mask, causal: bool, static: bool = False) -> torch.Tensor:
         """Softmax attention of queries at positions q_pos (B, N) over keys 0..Tk-1.
 
         Causal: query at position p sees keys 0..p. key_mask (B, Tk) marks real (non-pad) keys.
-        Gathered queries ascend along each row, so blocks of them need only a prefix of the keys.
+        Gathered queries ascend along each row, so blocks of them need only a prefix of the keys;
+        static=True reads all keys in one call instead (no host sync, shapes fixed by the inputs').
         """
         dropout = self.dropout if self.training else 0.0
         n_q, n_k = q.shape[2], k.shape[2]
@@ -192,6 +195,14 @@ class TokenMixer(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         q_pos = q_pos.expand(q.shape[0], n_q) if q_pos.dim() == 1 else q_pos
         key_pos = torch.arange(n_k, device=q.device)
+        if static:
+            mask = key_pos <= q_pos[..., None]
+            if key_mask is not None:
+                mask = mask & key_mask[:, None, :]
+                # A query that sees no real key is a pad whose output is discarded: let it see all
+                # keys, rather than give NaNs that would reach real gradients through the backward.
+                mask = mask | ~mask.any(-1, keepdim=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout)
         blocks = QUERY_BLOCKS if n_q >= 4 * QUERY_BLOCKS else 1
         q_blocks, pos_blocks = q.tensor_split(blocks, dim=2), q_pos.tensor_split(blocks, dim=1)
         # One host sync for all blocks: the last key any query of each block may see.

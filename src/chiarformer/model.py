@@ -8,6 +8,7 @@ ChiarForSequenceClassification (masked mean pooling, MLP head).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,8 +21,9 @@ from .config import ATTN, DCT, OP_NAMES, RBF, ChiarConfig
 from .errors import UserError
 from .gather import merge_rows
 from .layers import DCTMixer, FeedForward, ReferenceRBF, TokenMixer, round_up
+from .loss import cross_entropy
 from .ops import reference_spectral_entropy, spectral_entropy
-from .routing import Decision, MetaRouter, Router, RoutingInfo, collapse_penalty, reference_collapse_penalty
+from .routing import Decision, MetaRouter, Router, RoutingInfo, capacity_slots, collapse_penalty, reference_collapse_penalty
 from .sampling import check_sampling, next_tokens
 
 
@@ -34,10 +36,11 @@ class KVCache:
     key_mask: torch.Tensor | None = None  # (B, T_seen) real tokens, or None when all are
     meta_sum: torch.Tensor | None = None  # running sum of the MetaRouter's input
     length: int = 0
+    attn_counts: list = field(default_factory=list)  # capacity routing: (B,) attention tokens so far, per layer
 
     @classmethod
     def empty(cls, n_layers: int) -> KVCache:
-        return cls(keys=[None] * n_layers, values=[None] * n_layers)
+        return cls(keys=[None] * n_layers, values=[None] * n_layers, attn_counts=[None] * n_layers)
 
 
 class ChiarLayer(nn.Module):
@@ -68,6 +71,10 @@ class ChiarLayer(nn.Module):
         else:
             self.op_norms = None
             self.norm_mix = nn.LayerNorm(cfg.d_model)
+        # Fixed query slots per sequence (no host sync, static shapes): capacity routing, and
+        # top-k with bidirectional attention, whose one attention call reads every key anyway.
+        self.static_slots = self.router is not None and (
+            cfg.routing == "capacity" or (cfg.routing == "topk" and cfg.bidirectional))
         self.norm_ffn = nn.LayerNorm(cfg.d_model)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, inner_dropout)
         # Dropout on token-mixing outputs (none in the published placement).
@@ -94,7 +101,10 @@ class ChiarLayer(nn.Module):
             entropy = self.entropy_of(h)
         new_mask = None if key_mask is None else key_mask[:, -h.shape[1] :]
         if self.router is not None:
-            decision = self.router(h, entropy, new_mask)
+            before = cache.attn_counts[index] if cache is not None else None
+            decision = self.router(h, entropy, new_mask, pos, before)
+            if cache is not None:
+                cache.attn_counts[index] = decision.attn_count
         else:
             decision = Decision(torch.full(h.shape[:2], self.ops[0], device=h.device, dtype=torch.long), None, None)
         k = v = None
@@ -105,9 +115,15 @@ class ChiarLayer(nn.Module):
                     k = torch.cat([cache.keys[index], k], dim=2)
                     v = torch.cat([cache.values[index], v], dim=2)
                 cache.keys[index], cache.values[index] = k, v
-        mix = self.mix_dense if self.dense else self.mix_sparse
-        mixed = mix(h, decision, k, v, pos, key_mask)
-        if self.op_norms is not None and not self.dense:
+        if self.dense:
+            mixed = self.mix_dense(h, decision, k, v, pos, key_mask)
+        elif h.shape[1] == 1:  # decoding: one token per sequence, no gather to save work on
+            mixed = self.mix_dense(h, decision, k, v, pos, key_mask, self.chosen_ops(decision))
+        elif self.static_slots:
+            mixed = self.mix_static(h, decision, k, v, pos, key_mask, cache.length if cache is not None else 0)
+        else:
+            mixed = self.mix_sparse(h, decision, k, v, pos, key_mask)
+        if self.op_norms is not None and not self.blends(decision):  # blends normalise inside mix_dense
             mixed = self.normalise_selected(h, mixed, decision.ops)
         if decision.weight is not None:
             mixed = mixed * decision.weight[..., None].to(mixed.dtype)
@@ -125,28 +141,72 @@ class ChiarLayer(nn.Module):
         return out
 
     # ------------------------------------------------------------------ execution
-    def mix_dense(self, h, decision, k, v, pos, key_mask):
-        """Published behaviour: every operator on every token, then select (or blend)."""
+    def mix_dense(self, h, decision, k, v, pos, key_mask, ops=None):
+        """Published behaviour: every operator on every token, then select (or blend).
+
+        ops: compute only these operators (those some token chose), e.g. one at batch 1 decoding.
+        """
+        ops = self.ops if ops is None else ops
         outs = {}
-        if self.dct is not None:
+        if DCT in ops:
             outs[DCT] = self.dct(h)
-        if self.mixer is not None:
+        if ATTN in ops or (RBF in ops and self.rbf_ref is None):
             q = self.mixer.queries(h, pos)
-            if ATTN in self.ops:
+            if ATTN in ops:
                 outs[ATTN] = self.mixer.project_out(self.mixer.attend(q, k, v, pos, key_mask, self.causal))
-            if RBF in self.ops and self.rbf_ref is None:
+            if RBF in ops and self.rbf_ref is None:
                 outs[RBF] = self.mixer.project_out(self.mixer.rbf(q, k, v, key_mask, self.causal))
-        if self.rbf_ref is not None:
+        if RBF in ops and self.rbf_ref is not None:
             outs[RBF] = self.rbf_ref(h, key_mask)
-        if self.op_norms is not None:
-            outs = {op: self.normalise_operator(op, h, y) for op, y in outs.items()}
-        blend = self.router.blend(decision) if self.router is not None else None
-        if blend is not None:  # soft, or the published straight-through: weights on every output
+        if self.blends(decision):  # soft, or the published straight-through: weights on every output
+            blend = self.router.blend(decision)
+            if self.op_norms is not None:  # published: sum_i g_i LN_i(x + op_i(x))
+                outs = {op: self.normalise_operator(op, h, y) for op, y in outs.items()}
             return sum(blend[..., i, None].to(h.dtype) * outs[op] for i, op in enumerate(self.router.order))
-        mixed = outs[self.ops[0]]
-        for op in self.ops[1:]:
+        mixed = outs[ops[0]]
+        for op in ops[1:]:
             mixed = torch.where((decision.ops == op)[..., None], outs[op], mixed)
         return mixed
+
+    @staticmethod
+    def blends(decision) -> bool:
+        """Soft routing and the published all-probability straight-through mix every operator's output."""
+        return decision.probs is not None and decision.weight is None
+
+    def chosen_ops(self, decision) -> tuple[int, ...]:
+        """The operators some token chose (one host sync over B values); blended routing uses all."""
+        if self.blends(decision):
+            return self.ops
+        chosen = set(decision.ops.flatten().tolist())
+        return tuple(op for op in self.ops if op in chosen)
+
+    def mix_static(self, h, decision, k, v, pos, key_mask, offset: int):
+        """Static shapes: the cheap operators (DCT, linear-time RBF) on every token, attention on
+        a fixed number of query slots per sequence (the most the routing can send), written over them.
+
+        Per sequence, the slots hold the attention tokens in position order, padded with other
+        tokens whose attention output is discarded. No host sync and no data-dependent shape, so
+        torch.compile(fullgraph=True) and CUDA graphs can take the whole step.
+        """
+        b, t, d = h.shape
+        selected = decision.ops == ATTN
+        cheap = tuple(op for op in self.ops if op != ATTN)
+        base = self.mix_dense(h, decision, k, v, pos, key_mask, cheap)
+        if self.router.mode == "capacity":
+            n = capacity_slots(self.router.capacity_rate, offset, t)
+        else:  # top-k sends round(attn_fraction * length) <= this many tokens
+            n = min(t, math.ceil(self.router.attn_fraction * t))
+        if n == 0:
+            return base
+        idx = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, n)
+        valid = selected.gather(1, idx)
+        rows = idx[..., None].expand(b, n, d)
+        q_pos = pos[idx]
+        q = self.mixer.queries(h.gather(1, rows), q_pos)
+        y = self.mixer.project_out(self.mixer.attend(q, k, v, q_pos, key_mask, self.causal, static=True))
+        # Padding slots keep their token's cheap output, so the scatter rewrites it unchanged.
+        y = torch.where(valid[..., None], y.to(base.dtype), base.gather(1, rows))
+        return base.scatter(1, rows, y)
 
     def mix_sparse(self, h, decision, k, v, pos, key_mask):
         """Each operator computes only its own tokens: gather, compute, scatter.
@@ -257,6 +317,13 @@ class ChiarModel(nn.Module):
         return None if bool(mask.all()) else mask
 
 
+def next_token_targets(labels: torch.Tensor, n_positions: int) -> torch.Tensor:
+    """(B, n_positions) targets aligned with the logits (-100 where a position has none); labels
+    as in next_token_pairs."""
+    targets = labels[:, 1:]
+    return F.pad(targets, (0, n_positions - targets.shape[1]), value=-100)
+
+
 def next_token_pairs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(predictions, targets) for next-token scoring; labels start at the first input position.
 
@@ -339,8 +406,9 @@ class ChiarForCausalLM(ChiarPreTrained):
         logits = hidden @ self.model.embed.weight.T  # tied head
         loss = None
         if labels is not None:
-            predictions, targets = next_token_pairs(logits, labels)
-            loss = F.cross_entropy(predictions.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            # Targets aligned with every position (no logits[:, :-1] copy of a (B, T-1, V) tensor,
+            # no zero fill of one in backward: a fifth of a paper-17m step).
+            loss = cross_entropy(logits.flatten(0, 1).float(), next_token_targets(labels, logits.shape[1]).flatten())
         return ModelOutput(logits, loss, self.aux_loss(routing, logits), routing, gate)
 
     def check_decodable(self) -> None:

@@ -32,6 +32,7 @@ class Decision:
     ops: torch.Tensor  # (B, T) chosen operator id
     probs: torch.Tensor | None  # (B, T, n_ops) soft/hard probabilities, None otherwise
     weight: torch.Tensor | None  # hard: (B, T) straight-through multiplier, == 1 in value
+    attn_count: torch.Tensor | None = None  # capacity: (B,) attention tokens so far, for a KV cache
 
 
 class Router(nn.Module):
@@ -42,6 +43,7 @@ class Router(nn.Module):
         self.register_buffer("order_ids", torch.tensor(self.order), persistent=False)
         self.attn_fraction = cfg.attn_fraction
         self.straight_through = cfg.straight_through
+        self.capacity_rate = cfg.capacity_factor * cfg.attn_fraction
         self.register_buffer("tau", torch.tensor(taus, dtype=torch.float32))
         if self.mode in ("soft", "hard"):
             self.logits = nn.Linear(cfg.d_model + 1, len(self.order))
@@ -49,11 +51,19 @@ class Router(nn.Module):
     def set_tau(self, taus: tuple[float, ...]) -> None:
         self.tau.copy_(torch.tensor(taus, dtype=torch.float32))
 
-    def forward(self, h: torch.Tensor, entropy: torch.Tensor, key_mask: torch.Tensor | None) -> Decision:
+    def forward(self, h: torch.Tensor, entropy: torch.Tensor, key_mask: torch.Tensor | None,
+                pos: torch.Tensor | None = None, attn_before: torch.Tensor | None = None) -> Decision:
+        """pos (T,): the tokens' positions; attn_before (B,): capacity routing's count of earlier
+        (cached) attention tokens. Both matter to routing="capacity" only."""
         order = self.order_ids
-        if self.mode == "threshold":
+        if self.mode in ("threshold", "capacity"):
             # bucketize: H <= tau_0 -> first operator, ..., H > tau_last -> attention
-            return Decision(order[torch.bucketize(entropy, self.tau)], None, None)
+            ops = order[torch.bucketize(entropy, self.tau)]
+            if self.mode == "threshold":
+                return Decision(ops, None, None)
+            candidates = ops == ATTN if key_mask is None else (ops == ATTN) & key_mask
+            accepted, count = capacity_limit(candidates, pos, self.capacity_rate, attn_before)
+            return Decision(torch.where(candidates & ~accepted, DCT, ops), None, None, count)
         if self.mode == "topk":
             return Decision(self.top_k(entropy, key_mask), None, None)
         features = torch.cat([h, entropy[..., None].to(h.dtype)], dim=-1)
@@ -94,6 +104,32 @@ class Router(nn.Module):
         k = torch.round(self.attn_fraction * lengths.float()).long()
         ranks = score.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
         return torch.where(ranks < k[:, None], ATTN, DCT)
+
+
+def capacity_slots(rate: float, offset: int, t: int) -> int:
+    """Most attention tokens among t new positions after `offset` earlier ones (capacity_limit's bound)."""
+    return min(t, math.ceil(rate * (offset + t)))
+
+
+def capacity_limit(candidates: torch.Tensor, pos: torch.Tensor, rate: float,
+                   before: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept candidates (B, T) in position order while at most ceil(rate * (p + 1)) of the
+    positions 0..p are accepted; returns (accepted, accepted count per sequence).
+
+    The running count follows a_p = min(a_{p-1} + c_p, bound_p) (a candidate is refused exactly
+    when the bound is reached), which unrolls to a_p = S_p + min(a_init, min_{q<=p}(bound_q - S_q))
+    with S the running sum of candidates: a cumulative minimum, no loop and no host sync. A route
+    depends only on the token and earlier ones, and `before` (the count over a KV cache) continues
+    it exactly, so cached decoding routes as one full pass does.
+    """
+    c = candidates.long()
+    s = c.cumsum(1)
+    bound = torch.ceil(rate * (pos.to(torch.float64) + 1)).long()
+    start = torch.zeros_like(s[:, :1]) if before is None else before[:, None]
+    slack = torch.minimum(torch.cummin(bound - s, dim=1).values, start)
+    count = s + slack
+    previous = torch.cat([start, count[:, :-1]], dim=1)
+    return count > previous, count[:, -1]
 
 
 def collapse_penalty(probs: list[torch.Tensor]) -> torch.Tensor:

@@ -183,11 +183,11 @@ def embedding_entropies(model, batches: list[common.Batch]) -> np.ndarray:
 def _check_routable(cfg: ChiarConfig) -> None:
     if not cfg.routed_layers:
         raise UserError(f"layout {cfg.layout!r} has no routed layer: nothing to calibrate")
-    if cfg.routing != "threshold":
+    if cfg.routing not in ("threshold", "capacity"):
         raise UserError(
             f"routing={cfg.routing!r} does not use tau ("
             + ("attn_fraction fixes the attention share" if cfg.routing == "topk" else "the router is learned")
-            + "); calibration applies to routing='threshold'"
+            + "); calibration applies to routing='threshold' or 'capacity'"
         )
 
 
