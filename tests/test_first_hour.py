@@ -42,7 +42,7 @@ def test_comments_describe_the_preset_values(capsys):
 
 
 def test_one_quickstart_time_everywhere():
-    figure = "about 4 min"
+    figure = "about 2 min"
     readme = (ROOT / "README.md").read_text()
     assert figure in readme.split("## ")[0]  # the install/first-run block at the top
     parser = build_parser()

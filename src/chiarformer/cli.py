@@ -1,6 +1,6 @@
 """`chiar`: the command line.
 
-    chiar quickstart                      baseline vs CHIAR-Former on generated ListOps, CPU, about 4 min
+    chiar quickstart                      baseline vs CHIAR-Former on generated ListOps, CPU, about 2 min
     chiar train --task T --model LAYOUT [--preset P] [--config F.yaml] [--set k=v ...] --out runs/NAME [--resume]
     chiar eval --run runs/NAME [--split val|test] [--which best|last]
     chiar config [--task T] [...]         print the resolved, commented configuration (a starting YAML)
@@ -196,9 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("quickstart", help="train baseline and CHIAR-Former on generated ListOps (CPU, no downloads, "
-                                          "about 4 min on 2 cores)")
+                                          "about 2 min on 2 cores)")
     p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps per model (default 1000: about 4 min for both models on 2 cores)")
+                   help="optimizer steps per model (default 1000: about 2 min for both models on 2 cores)")
     p.add_argument("--examples", type=int, default=None, help="generated training expressions (default 16000)")
     p.add_argument("--lengths", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="ListOps lengths, exclusive bounds (default 30 150; LRA: 500 2000)")

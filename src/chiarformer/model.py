@@ -366,8 +366,12 @@ class ChiarPreTrained(nn.Module):
         self.model = ChiarModel(cfg)
 
     def init_weights(self) -> None:
-        for module in reversed(list(self.modules())):  # children before parents (see init_module)
+        # In module order, so a seed gives the same weights as before init_module existed; the
+        # MetaRouter is visited before its Linear, so its own init is applied again at the end.
+        for module in self.modules():
             init_module(module, self.cfg.init_std)
+        if self.model.meta_router is not None:
+            self.model.meta_router.reset_parameters()
 
     def num_parameters(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())

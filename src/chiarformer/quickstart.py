@@ -27,7 +27,7 @@ from pathlib import Path
 from .config import layer_letters
 from .errors import UserError
 
-# Sized to finish both models in about 4 minutes on 2 CPU cores (see docs/training.md).
+# Sized to finish both models in about 2 minutes on 2 CPU cores (see docs/training.md).
 DEFAULT_STEPS = 1000
 DEFAULT_TRAIN = 16000
 DEFAULT_LENGTHS = (30, 150)
