@@ -390,3 +390,18 @@ def test_chiar_eval_runs_on_an_imported_model(tmp_path, capsys):
     record = json.loads(capsys.readouterr().out)
     assert record["tokens"] == 2 * CTX and record["protocol"]["stride"] == CTX  # C targets per published window
     assert math.isfinite(record["loss"])
+
+
+def test_generate_on_an_imported_run(tmp_path, capsys):
+    """An imported baseline samples through `chiar generate`; a tokenizer that does not fit the
+    model's vocabulary (a small synthetic file with the GPT-2 tokenizer) is one clear line."""
+    sd = published_state(9, baseline=True, vocab=50257)
+    run_dir = import_run(tmp_path, {"step": 5, "model": sd, "val_ppl": 1.0, "cfg": {"vocab_size": 50257}}, name="big")
+    capsys.readouterr()
+    assert main(["generate", "--run", str(run_dir), "Hello world", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("Hello world")
+    small = import_run(tmp_path, {"step": 5, "model": published_state(9, baseline=True), "val_ppl": 1.0,
+                                  "cfg": {"vocab_size": V}}, name="small")
+    capsys.readouterr()
+    assert main(["generate", "--run", str(small), "Hello world", "--max-new-tokens", "4"]) == 2
+    assert "does not match its model" in capsys.readouterr().err

@@ -33,6 +33,10 @@ def sample_run(run, prompt: str, *, max_new_tokens: int = 50, temperature: float
     if num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
     ids = tok.encode(prompt) or [tok.eot_id]  # an empty prompt starts from end-of-text, as GPT-2 does
+    vocab = run.model.cfg.vocab_size
+    if max(ids) >= vocab:
+        raise UserError(f"the prompt encodes to token id {max(ids)} but the model has a vocabulary of {vocab}: "
+                        f"the run's tokenizer ({run.run_config.data.tokenizer}) does not match its model")
     device = next(run.model.parameters()).device
     prompt_ids = torch.tensor([ids] * num_samples, device=device)
     out = run.model.generate(prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
