@@ -82,7 +82,7 @@ def published_forward(sd, ids, routing, tau, meta, classifier=False):
             x = ffn(attention(x, f"attns.{i}."), f"ffns.{i}.", f"ffn_norms.{i}")
             continue
         p = f"{pre}layers.{i}."
-        ops = "A" if baseline else LAYERS[i]
+        ops = LAYERS[i]
         if ops == "D":
             y = dct_op(x, p + "dct_mix.")
         elif ops == "A":
@@ -178,7 +178,6 @@ def median_tau(sd, ids, meta, classifier=False):
 
 def taus_entropies(sd, ids, meta, classifier, tau):
     captured = []
-    fwd, _ = dct_matrices(D)
     original = torch.Tensor.__gt__
 
     def spy(self, other):  # the threshold comparison sees each routed layer's entropies

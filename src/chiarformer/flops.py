@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from .config import ATTN, DCT, OP_NAMES, RBF, ChiarConfig, layer_letters
 from .errors import UserError
 from .layers import QUERY_BLOCKS, RBF_CHUNK
+from .routing import capacity_slots, static_slot_rate
 
 COMPONENTS = ("head", "qkv", "scores", "out_proj", "ffn", "dct", "rbf", "router", "meta_router")
 # Components of the token-mixing ("attention") sub-layer: everything but FFN and head.
@@ -289,13 +290,12 @@ def _layer_macs(cfg, ops, shares, t: int, scores: str, dct_cost: str, routed: bo
 
     # Which tokens each operator actually runs on (execution shares). Fixed query slots
     # (model.ChiarLayer.mix_static) run the DCT on every token and attention on all slots.
-    static = routed and not dense and ATTN in ops and (
-        cfg.routing == "capacity" or (cfg.routing == "topk" and cfg.bidirectional))
+    rate = static_slot_rate(cfg) if routed else None
+    static = rate is not None and not dense and ATTN in ops
     run_dct = (1.0 if dense or static else p_dct) if DCT in ops else 0.0
     run_attn = (1.0 if dense else p_attn) if ATTN in ops else 0.0
     if static:
-        rate = cfg.capacity_factor * cfg.attn_fraction if cfg.routing == "capacity" else cfg.attn_fraction
-        run_attn = min(t, math.ceil(rate * t)) / t
+        run_attn = capacity_slots(rate, 0, t) / t
     run_rbf = (1.0 if (dense or p_rbf > 0) else 0.0) if RBF in ops else 0.0  # RBF runs over all positions
 
     if run_dct:

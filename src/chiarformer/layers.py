@@ -106,11 +106,16 @@ class ReferenceRBF(nn.Module):
         return self.ffn(self.proj(torch.softmax(scores, dim=-1) @ phi))
 
 
+def rope_inv_freq(half: int, base: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """RoPE's frequencies base^(-2i/dh) for the half = dh/2 feature pairs."""
+    return base ** (-torch.arange(half, device=device, dtype=dtype) / half)
+
+
 def rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
     """Rotary position embedding of x (B, H, N, dh) at integer positions pos (B, N) or (N,):
     feature pairs (i, i + dh/2) rotated by the angle pos * base^(-2i/dh)."""
     half = x.shape[-1] // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    inv_freq = rope_inv_freq(half, base, x.device)
     angles = pos.to(torch.float32)[..., None] * inv_freq  # (B, N, half) or (N, half)
     if angles.dim() == 3:
         angles = angles[:, None]  # broadcast over heads

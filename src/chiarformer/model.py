@@ -8,7 +8,6 @@ ChiarForSequenceClassification (masked mean pooling, MLP head).
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,7 +22,16 @@ from .gather import merge_rows
 from .layers import DCTMixer, FeedForward, ReferenceRBF, TokenMixer, round_up
 from .loss import cross_entropy
 from .ops import reference_spectral_entropy, spectral_entropy
-from .routing import Decision, MetaRouter, Router, RoutingInfo, capacity_slots, collapse_penalty, reference_collapse_penalty
+from .routing import (
+    Decision,
+    MetaRouter,
+    Router,
+    RoutingInfo,
+    capacity_slots,
+    collapse_penalty,
+    reference_collapse_penalty,
+    static_slot_rate,
+)
 from .sampling import check_sampling, next_tokens
 
 
@@ -73,8 +81,7 @@ class ChiarLayer(nn.Module):
             self.norm_mix = nn.LayerNorm(cfg.d_model)
         # Fixed query slots per sequence (no host sync, static shapes): capacity routing, and
         # top-k with bidirectional attention, whose one attention call reads every key anyway.
-        self.static_slots = self.router is not None and (
-            cfg.routing == "capacity" or (cfg.routing == "topk" and cfg.bidirectional))
+        self.slot_rate = static_slot_rate(cfg) if self.router is not None else None
         self.norm_ffn = nn.LayerNorm(cfg.d_model)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, inner_dropout)
         # Dropout on token-mixing outputs (none in the published placement).
@@ -119,7 +126,7 @@ class ChiarLayer(nn.Module):
             mixed = self.mix_dense(h, decision, k, v, pos, key_mask)
         elif h.shape[1] == 1:  # decoding: one token per sequence, no gather to save work on
             mixed = self.mix_dense(h, decision, k, v, pos, key_mask, self.chosen_ops(decision))
-        elif self.static_slots:
+        elif self.slot_rate is not None:
             mixed = self.mix_static(h, decision, k, v, pos, key_mask, cache.length if cache is not None else 0)
         else:
             mixed = self.mix_sparse(h, decision, k, v, pos, key_mask)
@@ -135,9 +142,10 @@ class ChiarLayer(nn.Module):
 
     def normalise_selected(self, h, mixed, ops):
         """Each token's sub-layer normalised by its own operator's LayerNorm (sparse execution)."""
-        out = self.normalise_operator(self.ops[0], h, mixed)
+        z = h + self.dropout(mixed)
+        out = self.op_norms[OP_NAMES[self.ops[0]]](z)
         for op in self.ops[1:]:
-            out = torch.where((ops == op)[..., None], self.normalise_operator(op, h, mixed), out)
+            out = torch.where((ops == op)[..., None], self.op_norms[OP_NAMES[op]](z), out)
         return out
 
     # ------------------------------------------------------------------ execution
@@ -174,9 +182,7 @@ class ChiarLayer(nn.Module):
         return decision.probs is not None and decision.weight is None
 
     def chosen_ops(self, decision) -> tuple[int, ...]:
-        """The operators some token chose (one host sync over B values); blended routing uses all."""
-        if self.blends(decision):
-            return self.ops
+        """The operators some token chose (one host sync over B values); blended routing runs dense."""
         chosen = set(decision.ops.flatten().tolist())
         return tuple(op for op in self.ops if op in chosen)
 
@@ -192,10 +198,7 @@ class ChiarLayer(nn.Module):
         selected = decision.ops == ATTN
         cheap = tuple(op for op in self.ops if op != ATTN)
         base = self.mix_dense(h, decision, k, v, pos, key_mask, cheap)
-        if self.router.mode == "capacity":
-            n = capacity_slots(self.router.capacity_rate, offset, t)
-        else:  # top-k sends round(attn_fraction * length) <= this many tokens
-            n = min(t, math.ceil(self.router.attn_fraction * t))
+        n = capacity_slots(self.slot_rate, offset, t)
         if n == 0:
             return base
         idx = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, n)
@@ -386,9 +389,9 @@ class ChiarPreTrained(nn.Module):
             self.model.layers[i].router.set_tau(self.cfg.layer_taus(i))
 
     def aux_loss(self, routing: list[RoutingInfo], like: torch.Tensor) -> torch.Tensor:
-        probs = [r.probs for r in routing if r.probs is not None]
         if self.cfg.collapse_reg and self.cfg.collapse_form == "reference" and self.cfg.routed_layers:
             return self.cfg.collapse_reg * reference_collapse_penalty(routing, self.cfg.routing == "soft")
+        probs = [r.probs for r in routing if r.probs is not None]
         if not self.cfg.collapse_reg or not probs:
             return like.new_zeros(())
         return self.cfg.collapse_reg * collapse_penalty(probs)

@@ -89,6 +89,14 @@ def spectral_entropy(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     return (h / math.log(d)).clamp(0.0, 1.0)
 
 
+@functools.lru_cache(maxsize=32)
+def _reference_power_weight(d: int, device: torch.device) -> torch.Tensor:
+    """Squares of the published DCT's scale: (2 sqrt2)^2 for the DC coefficient, 2^2 for the rest."""
+    weight = torch.full((d,), 4.0, device=device)
+    weight[0] = 8.0
+    return weight
+
+
 def reference_spectral_entropy(x: torch.Tensor) -> torch.Tensor:
     """The published code's spectral entropy (SPEC §7), differentiable, in float32.
 
@@ -97,8 +105,7 @@ def reference_spectral_entropy(x: torch.Tensor) -> torch.Tensor:
     It differs from `spectral_entropy` unless the vector's feature mean is zero.
     """
     d = x.shape[-1]
-    weight = torch.full((d,), 4.0, device=x.device)
-    weight[0] = 8.0  # (2 sqrt2)^2
+    weight = _reference_power_weight(d, x.device)
     exact = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) else nullcontext()
     with exact:
         power = dct(x.float()).square() * weight

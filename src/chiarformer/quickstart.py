@@ -206,12 +206,11 @@ def format_table(rows: dict, data, steps: int, n_train: int, total_s: float, loa
 
 def median_tokens_per_s(run_dir: Path) -> float | None:
     """Median training tokens/s over the run's logged windows (metrics.jsonl); robust to a slow stretch."""
-    import json
     import statistics
 
-    path = Path(run_dir) / "metrics.jsonl"
-    rates = [rec["tokens_per_s"] for rec in map(json.loads, path.read_text().splitlines())
-             if rec.get("kind") == "train" and rec.get("tokens_per_s")] if path.is_file() else []
+    from .train.runs import read_metrics
+
+    rates = [rec["tokens_per_s"] for rec in read_metrics(run_dir) if rec.get("kind") == "train" and rec.get("tokens_per_s")]
     return statistics.median(rates) if rates else None
 
 

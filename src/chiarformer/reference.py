@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, REFERENCE_OPTIONS, ChiarConfig
+from .config import PRESETS, REFERENCE_OPTIONS, ChiarConfig, layer_letters, parse_layout
 from .errors import UserError
+from .layers import rope_inv_freq
 
 # tau of the published 400M run: the midpoint of its config.py's tau_low / tau_high.
 TAU_400M = (0.8935 + 0.8973) / 2
@@ -127,7 +128,8 @@ def convert(ckpt: dict, tau: float | None = None, routing: str | None = None) ->
             rope_base = float(inv_freq[1]) ** (-head_dim / 2)
             rope_base = 10000.0 if math.isclose(rope_base, 10000.0, rel_tol=1e-3) else rope_base
     layout = ",".join(letters)
-    standard = {"baseline": ["A"] * n_layers, "dct_attn": ["D"] + ["DA"] * (n_layers - 2) + ["A"]}
+    named = ("baseline", "dct_attn") if n_layers >= 3 else ("baseline",)  # dct_attn needs 3 layers
+    standard = {name: [layer_letters(ops) for ops in parse_layout(name, n_layers)] for name in named}
     layout = next((name for name, value in standard.items() if value == letters), layout)
     routed = [i for i, ops in enumerate(letters) if len(ops) > 1]
     learned = f"layers.{routed[0]}.router.gate_proj.weight" in source if routed else False
@@ -207,7 +209,7 @@ def check_rope(take, layer: int, head_dim: int, base: float) -> None:
     """The RoPE buffers must be the ones our attention computes (base, rotate-half pairs)."""
     inv_freq = take(f"layers.{layer}.attn.rope.inv_freq").float()
     cos, sin = take(f"layers.{layer}.attn.rope.cos_cache"), take(f"layers.{layer}.attn.rope.sin_cache")
-    ours = base ** (-torch.arange(head_dim // 2, dtype=torch.float64) / (head_dim // 2))
+    ours = rope_inv_freq(head_dim // 2, base, dtype=torch.float64)
     angles = torch.arange(cos.shape[0], dtype=torch.float64)[:, None] * ours
     angles = torch.cat([angles, angles], dim=-1)
     if not (torch.allclose(inv_freq.double(), ours, rtol=1e-5, atol=0)

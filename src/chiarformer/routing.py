@@ -106,6 +106,16 @@ class Router(nn.Module):
         return torch.where(ranks < k[:, None], ATTN, DCT)
 
 
+def static_slot_rate(cfg) -> float | None:
+    """Attention query slots per position when a routed layer runs with fixed slots
+    (model.ChiarLayer.mix_static: capacity routing, and top-k with bidirectional attention), else None."""
+    if cfg.routing == "capacity":
+        return cfg.capacity_factor * cfg.attn_fraction
+    if cfg.routing == "topk" and cfg.bidirectional:  # top-k sends round(attn_fraction * T) <= ceil(...) tokens
+        return cfg.attn_fraction
+    return None
+
+
 def capacity_slots(rate: float, offset: int, t: int) -> int:
     """Most attention tokens among t new positions after `offset` earlier ones (capacity_limit's bound)."""
     return min(t, math.ceil(rate * (offset + t)))

@@ -164,9 +164,7 @@ def paper_taus(embedding_entropy: np.ndarray) -> tuple[float, float, float]:
 def embedding_entropies(model, batches: list[common.Batch]) -> np.ndarray:
     """Spectral entropy of the token embeddings of every real token in batches, by the routers'
     definition (model.cfg.entropy: the published calibration uses the published entropy)."""
-    from ..ops import reference_spectral_entropy, spectral_entropy
-
-    entropy = reference_spectral_entropy if model.cfg.entropy == "reference" else spectral_entropy
+    entropy = model.model.layers[0].entropy_of  # every layer computes H the same way
     embed = model.model.embed.weight
     out = []
     with torch.no_grad():

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from . import imdb, wikitext
 from .files import data_dir
 from .wikitext import hf_config
 
@@ -56,8 +57,8 @@ GPT2_FILES = {
     "vocab.bpe": (456318, "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
 }
 # The commit each repository is read at: the one `datasets` resolves these configs to.
-REVISIONS = {"Salesforce/wikitext": "b08601e04326c79dfdd32d625aee71d232d685c3",
-             "stanfordnlp/imdb": "e6281661ce1c48d982bc483cf8a173c1bbeb5d31"}
+REVISIONS = {wikitext.HF_REPO: "b08601e04326c79dfdd32d625aee71d232d685c3",
+             imdb.HF_REPO: "e6281661ce1c48d982bc483cf8a173c1bbeb5d31"}
 # Rows per split on the dataset cards (WikiText: one row per line of the official files).
 _WIKITEXT_ROWS = {"2": {"train": 36718, "validation": 3760, "test": 4358},
                   "103": {"train": 1801350, "validation": 3760, "test": 4358}}
@@ -93,9 +94,9 @@ def hub_files(name: str, variant: str = "raw") -> HubFiles:
     if name in ("wikitext2", "wikitext103"):
         version = name.removeprefix("wikitext")
         config = hf_config(version, variant)
-        return HubFiles("Salesforce/wikitext", config, "", ("text",), _WIKITEXT_ROWS[version])
+        return HubFiles(wikitext.HF_REPO, config, "", ("text",), _WIKITEXT_ROWS[version])
     if name == "imdb":
-        return HubFiles("stanfordnlp/imdb", "plain_text", "imdb", ("text", "label"), ROWS["imdb"])
+        return HubFiles(imdb.HF_REPO, "plain_text", "imdb", ("text", "label"), ROWS["imdb"])
     raise UserError(f"unknown download {name!r}; choose one of: {', '.join(NAMES)}")
 
 
