@@ -151,7 +151,7 @@ def test_wikitext2_lands_where_the_loader_looks_and_is_not_fetched_twice(tmp_pat
     assert "set CHIAR_DATA_DIR=" in out  # --to is not the folder chiar reads
     for name, body in shards.items():
         assert (data / "wikitext-2-raw-v1" / name).read_bytes() == body
-    assert [m for m, p, _ in hub.requests if p.endswith("train-00000-of-00001.parquet")] == ["HEAD", "GET"]
+    assert [m for m, p, _ in hub.requests if p.endswith("train-00000-of-00001.parquet")] == ["GET"]
     for split in ("train", "valid", "test"):
         source = wikitext_source("2", split, data_dir=data)
         assert "wikitext-2-raw-v1" in source.description
@@ -185,11 +185,7 @@ def test_wrong_row_count_is_rejected(tmp_path, hub_constants, hub):
     assert not (tmp_path / "data" / "wikitext-2-raw-v1" / "validation-00000-of-00001.parquet").exists()
 
 
-def test_broken_transfer_resumes_with_a_range_request(tmp_path, hub_constants, hub, monkeypatch):
-    # huggingface_hub writes (and resumes after) whole chunks of DOWNLOAD_CHUNK_SIZE (10 MB): a small one
-    # lets a small file show the resume
-    monkeypatch.setattr(hub_constants, "DOWNLOAD_CHUNK_SIZE", 4096)
-    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # its pause before the retry
+def test_broken_transfer_resumes_in_the_next_run_with_a_range_request(tmp_path, hub_constants, hub):
     shards = wikitext2_shards(tmp_path)
     hub.add_dataset(D.hub_files("wikitext2"), shards)
     body = shards["train-00000-of-00001.parquet"]
@@ -197,10 +193,14 @@ def test_broken_transfer_resumes_with_a_range_request(tmp_path, hub_constants, h
     revision = D.REVISIONS["Salesforce/wikitext"]
     path = f"/datasets/Salesforce/wikitext/resolve/{revision}/wikitext-2-raw-v1/train-00000-of-00001.parquet"
     hub.cut[path] = half  # the first GET stops after `half` bytes and the connection closes
-    resumed_at = half // 4096 * 4096  # the last whole chunk received
-    D.download("wikitext2", to=tmp_path / "data", endpoint=hub.url, quiet=True)
-    assert (tmp_path / "data" / "wikitext-2-raw-v1" / "train-00000-of-00001.parquet").read_bytes() == body
-    assert [(m, r) for m, p, r in hub.requests if p == path] == [("HEAD", None), ("GET", None), ("GET", f"bytes={resumed_at}-")]
+    folder = tmp_path / "data" / "wikitext-2-raw-v1"
+    with pytest.raises(UserError, match="broke off .* run the same command again to resume"):
+        D.download("wikitext2", to=tmp_path / "data", endpoint=hub.url, quiet=True)
+    assert (folder / "train-00000-of-00001.parquet.part").stat().st_size == half
+    D.download("wikitext2", to=tmp_path / "data", endpoint=hub.url, quiet=True)  # a new run, as after a kill
+    assert (folder / "train-00000-of-00001.parquet").read_bytes() == body
+    assert not (folder / "train-00000-of-00001.parquet.part").exists()
+    assert [(m, r) for m, p, r in hub.requests if p == path] == [("GET", None), ("GET", f"bytes={half}-")]
 
 
 def test_imdb_lands_where_the_loader_looks(tmp_path, hub_constants, hub):

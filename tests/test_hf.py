@@ -132,20 +132,19 @@ def test_export_loads_in_a_fresh_process_with_trust_remote_code(run, tmp_path):
     assert main(["export", "--run", str(run), "--out", str(out)]) == 0
     assert main(["export", "--run", str(run), "--out", str(out)]) == 2  # not into a non-empty folder
     script = f"""
-import json, sys, torch
+import json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
 ids = tok("the cat", return_tensors="pt")["input_ids"]
 gen = model.generate(ids, max_new_tokens=16, do_sample=False)
-print(json.dumps({{"ids": gen[0].tolist(), "text": tok.decode(gen[0]), "adapter_imported": "chiarformer.hf" in sys.modules,
-                  "cls": type(model).__module__}}))
+print(json.dumps({{"ids": gen[0].tolist(), "text": tok.decode(gen[0]), "cls": type(model).__module__}}))
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not result["adapter_imported"] and result["cls"].startswith("transformers_modules")  # the folder's copy
+    assert result["cls"].startswith("transformers_modules")  # the folder's copy of hf.py, not the installed one
     from chiarformer.train.runs import load_run
 
     loaded = load_run(run)
@@ -153,6 +152,24 @@ print(json.dumps({{"ids": gen[0].tolist(), "text": tok.decode(gen[0]), "adapter_
     ours = loaded.model.generate(prompt, 16, temperature=0, eos_token_id=loaded.tokenizer.eot_id)
     assert result["ids"] == ours[0].tolist()
     assert result["text"] == loaded.tokenizer.decode(ours[0])
+
+
+def test_import_chiarformer_registers_the_auto_classes_without_importing_transformers(run, tmp_path):
+    out = tmp_path / "exported"
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 0
+    script = f"""
+import json, sys
+import chiarformer
+before = "transformers" in sys.modules
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+print(json.dumps({{"before": before, "cls": type(model).__module__ + "." + type(model).__name__}}))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"before": False, "cls": "chiarformer.hf.ChiarHFForCausalLM"}
 
 
 def test_lm_eval_rolling_loglikelihood_equals_chiar_eval(run, tmp_path, capsys):

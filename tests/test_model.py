@@ -412,7 +412,7 @@ def test_loss_is_shifted_next_token_cross_entropy():
     torch.testing.assert_close(out.loss, manual, rtol=1e-6, atol=0)
     assert out.logits.shape == (2, 20, cfg.vocab_size)
     grads = torch.autograd.grad(out.loss, model.model.embed.weight, retain_graph=True)[0]
-    torch.testing.assert_close(grads, torch.autograd.grad(manual, model.model.embed.weight)[0], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(grads, torch.autograd.grad(manual, model.model.embed.weight)[0], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("layout,routing", [("three_op", "threshold"), ("dct_attn", "topk")])

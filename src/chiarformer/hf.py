@@ -1,6 +1,6 @@
 """Hugging Face transformers adapter (optional extra `hf`): thin wrappers over chiarformer's models.
 
-    import chiarformer.hf                       # registers model_type "chiarformer" with the Auto classes
+    import chiarformer                          # registers model_type "chiarformer" with the Auto classes
     model = AutoModelForCausalLM.from_pretrained("exported/")   # or trust_remote_code=True, without the import
     model.generate(ids, max_new_tokens=20)      # transformers' generate, with our KV cache
 

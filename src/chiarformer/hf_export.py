@@ -2,7 +2,7 @@
 
     export_run("runs/NAME", "exported/")   # then, in any process:
     AutoTokenizer.from_pretrained("exported/")
-    AutoModelForCausalLM.from_pretrained("exported/", trust_remote_code=True)   # or after `import chiarformer.hf`
+    AutoModelForCausalLM.from_pretrained("exported/", trust_remote_code=True)   # or after `import chiarformer`
 
 The tokenizer is rebuilt for the `tokenizers` library from the run's own: GPT-2 BPE from the
 same local files (encoder.json + vocab.bpe), or UTF-8 bytes (ids 0-255, 256 = end of text).
@@ -99,7 +99,7 @@ def cmd_export(args) -> int:
     for line in export_run(args.run, args.out, args.which):
         print(f"wrote {line}")
     print(f"to {args.out}: load with AutoModelForCausalLM.from_pretrained({str(args.out)!r}, trust_remote_code=True) "
-          "(or after `import chiarformer.hf`) and AutoTokenizer.from_pretrained")
+          "(or after `import chiarformer`) and AutoTokenizer.from_pretrained")
     return 0
 
 

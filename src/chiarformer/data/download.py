@@ -12,12 +12,12 @@
 These are the folders the loaders search (wikitext.py, imdb.py, tokenizer.py). The Hugging Face
 files come from a pinned commit of each repository (REVISIONS), so every user gets the same bytes.
 
-The Hugging Face files are fetched by huggingface_hub (the `hf` extra): `hf_hub_download` into
-DIR (DIR/imdb for IMDB), which mirrors the repository's folders and keeps its own bookkeeping in
-.cache/huggingface/ there; it retries a broken transfer from where it stopped (HTTP Range) and does
-not fetch a file again whose commit it has recorded. The rest is plain HTTPS (urllib): bytes arrive
-in NAME.part, an interrupted download resumes from there (HTTP Range) when the same command runs
-again, and a verified file already in place is not fetched again.
+huggingface_hub (the `hf` extra) lists a repository's files with their published sizes and
+SHA-256 values and gives each file's URL at the pinned commit. Every file, the hub's included, then
+comes over plain HTTPS (urllib) the same way: its bytes arrive in NAME.part, a download that was
+interrupted or killed resumes from there (HTTP Range) when the same command runs again, and a
+verified file already in place is not fetched again. (huggingface_hub's own hf_hub_download does
+not resume across runs: since 2.x each attempt writes a fresh temporary file.)
 
 Checks (a file that fails is deleted and the command fails):
 - Hugging Face files: the size and SHA-256 the hub's tree API publishes for the file (its LFS
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import os
 import sys
 import urllib.error
@@ -145,16 +146,10 @@ def _hub_download(spec: HubFiles, root: Path, endpoint: str | None, quiet: bool)
         for split, entries in by_split.items():
             paths = []
             for entry in entries:
-                if not quiet:
-                    print(f"{spec.repo}@{revision[:8]}/{entry.path} ({entry.size:,} bytes)", file=sys.stderr, flush=True)
-                path = Path(huggingface_hub.hf_hub_download(spec.repo, entry.path, repo_type="dataset", revision=revision,
-                                                            local_dir=local_dir, endpoint=endpoint))
-                if not _matches(path, entry.size, entry.lfs.sha256):
-                    got = path.stat().st_size
-                    path.unlink()
-                    raise UserError(f"{path.name} from {spec.repo}@{revision[:8]} failed its check ({got:,} bytes, "
-                                    f"expected {entry.size:,}; SHA-256 differs from the published one): deleted, "
-                                    "nothing kept; run the command again")
+                url = huggingface_hub.hf_hub_url(spec.repo, entry.path, repo_type="dataset", revision=revision,
+                                                 endpoint=api.endpoint)
+                path = local_dir / entry.path
+                fetch(RemoteFile(url, path, entry.size, sha256=entry.lfs.sha256), quiet)
                 paths.append(path)
             _check_parquet_split(spec, split, paths)
     return local_dir / spec.folder
@@ -299,14 +294,22 @@ def _receive(f: RemoteFile, part: Path, have: int, quiet: bool) -> None:
         mode = "ab" if have else "wb"
         bar = tqdm(total=f.size, initial=have, unit="B", unit_scale=True, desc=f.dest.name,
                    disable=quiet or not sys.stderr.isatty())
+        promised = int(response.headers.get("Content-Length") or -1)
+        received = 0
         try:
             with open(part, mode) as out, bar:
                 while block := response.read(_BLOCK):
                     out.write(block)
                     bar.update(len(block))
-        except OSError as e:
-            raise UserError(f"download of {f.url} broke off ({e}); {part} is kept: run the same command "
-                            "again to resume") from None
+                    received += len(block)
+        except (OSError, http.client.HTTPException) as e:
+            raise _broke_off(f, part, type(e).__name__) from None
+    if received < promised:  # the connection closed early, without an error from urllib
+        raise _broke_off(f, part, f"{received:,} of the {promised:,} bytes the server announced")
+
+
+def _broke_off(f: RemoteFile, part: Path, why: str) -> UserError:
+    return UserError(f"download of {f.url} broke off ({why}); {part} is kept: run the same command again to resume")
 
 
 def _matches(path: Path, size: int, sha256: str | None) -> bool:
