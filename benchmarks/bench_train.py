@@ -30,7 +30,7 @@ from chiarformer.train import resolve
 from chiarformer.train.datasets import LMWindows, TaskData
 from chiarformer.train.dist import DistInfo
 from chiarformer.train.loop import Trainer, configure_runtime
-from chiarformer.train.tasks import finalize_model_config
+from chiarformer.train.task_data import finalize_model_config
 
 GPT2_VOCAB = 50257
 

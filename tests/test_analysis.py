@@ -25,6 +25,7 @@ from chiarformer.analysis.report import summarize_run
 from chiarformer.analysis.route import render_ansi, render_html, render_png, route_text
 from chiarformer.cli import main
 from chiarformer.errors import UserError
+from chiarformer.train.runs import load_run
 
 WORDS = ("the a of to and in is was for on that with as by at from his her which an are were it this be "
          "river city music war king game film song team album season church station school army").split()
@@ -42,7 +43,7 @@ MODEL_SETS = ["model.d_model=32", "model.n_heads=2", "model.n_layers=4", "model.
 
 
 def _run_config(tmp: Path, layout: str, extra: list[str] = ()):
-    from chiarformer.train.config import resolve
+    from chiarformer.train.run_config import resolve
 
     return resolve("text", "tiny", layout, None, [
         f"data.train_files=[{tmp / 'train.txt'}]", f"data.val_files=[{tmp / 'val.txt'}]",
@@ -191,7 +192,6 @@ def test_calibrate_refuses_what_has_no_tau():
 
 # --------------------------------------------------------------------------- run folders
 def test_calibrate_run_stores_taus_everywhere(trained_run, tmp_path, capsys):
-    from chiarformer.train.runs import load_run
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -226,7 +226,7 @@ def test_calibrate_paper_method(trained_run, workspace, tmp_path, capsys):
     assert result["method"] == "paper"
     t2, t3 = result["taus"]
     assert t2 == t3  # one value for every routed layer: the midpoint of the 33rd/67th percentiles
-    loaded = common.load_run(base)
+    loaded = load_run(base)
     batches = common.validation_batches(loaded, "val", 8, 2)
     low, high, mid = cal.paper_taus(cal.embedding_entropies(loaded.model, batches))
     assert t2 == pytest.approx(mid)
@@ -234,7 +234,7 @@ def test_calibrate_paper_method(trained_run, workspace, tmp_path, capsys):
 
 
 def test_route_uses_the_models_own_decisions(trained_run, tmp_path):
-    loaded = common.load_run(trained_run)
+    loaded = load_run(trained_run)
     text = "The river city was the king of music."
     view = route_text(loaded.model, loaded.tokenizer, text)
     ids = torch.tensor([loaded.tokenizer.encode(text)])
@@ -344,7 +344,7 @@ def test_calibrate_says_it_rewrites_the_run(trained_run, tmp_path, capsys):
 def test_route_png_shows_entropy_scale_tau_margins_and_only_present_operators(trained_run):
     from chiarformer.analysis.route import route_figure, tau_margin
 
-    loaded = common.load_run(trained_run)
+    loaded = load_run(trained_run)
     text = "The river city was the king of music."
     for taus, legend in (([1.0, 1.0], ["DCT"]), ([0.0, 1.0], ["DCT", "ATTN"])):
         loaded.model.set_taus(taus)

@@ -97,8 +97,8 @@ def test_padding_masks_and_truncation():
 
 def test_lra_text_task_bytes(tmp_path):
     write_jsonl_xz(tmp_path)
-    task = load_task("lra-text", data_dir=tmp_path, seq_len=64, val_fraction=0.2, seed=1)
-    assert task.kind == "classification" and task.n_classes == 2 and task.vocab_size == 257
+    task = load_task("lra-text", data_dir=tmp_path, seq_len=64, val_fraction=0.2, data_seed=1)
+    assert task.kind == "cls" and task.n_classes == 2 and task.vocab_size == 257
     assert len(task.train) == 16 and len(task.val) == 4 and len(task.test) == 20
     assert task.train.lengths().max() == 64 and sorted(task.val.labels.tolist()) == [0, 0, 1, 1]
     first = task.test.example(0)

@@ -148,7 +148,7 @@ def test_flat_variant_disjoint_and_correct():
         expected = {"[MAX": max(digits), "[MIN": min(digits),
                     "[MEAN": int(np.mean(digits)) % 10, "[MED": int(np.median(digits)) % 10}[op]
         assert target == expected
-    task = load_task("listops-flat", n_train=500, n_val=50, n_test=50)
+    task = load_task("listops-flat", listops_train=500, listops_val=50, listops_test=50)
     decode = task.tokenizer.decode
     train = {decode(task.train.example(i)) for i in range(len(task.train))}
     test = {decode(task.test.example(i)) for i in range(len(task.test))}
@@ -156,8 +156,8 @@ def test_flat_variant_disjoint_and_correct():
 
 
 def test_listops_task_generates_once_and_reads_lra_files(tmp_path, monkeypatch):
-    sizes = {"n_train": 300, "n_val": 20, "n_test": 20, **CPU}
-    task = load_task("listops", cache_dir=tmp_path, style="brackets", workers=1, **sizes)
+    sizes = {"listops_train": 300, "listops_val": 20, "listops_test": 20, **{f"listops_{k}": v for k, v in CPU.items()}}
+    task = load_task("listops", cache_dir=tmp_path, listops_tokens="brackets", workers=1, **sizes)
     assert (len(task.train), len(task.val), len(task.test)) == (300, 20, 20)
     assert task.seq_len == 250 and task.protocol["generation"]["max_depth"] == 6
 
@@ -165,14 +165,14 @@ def test_listops_task_generates_once_and_reads_lra_files(tmp_path, monkeypatch):
         raise AssertionError("regenerated")
 
     monkeypatch.setattr("chiarformer.data.tasks.generate_listops", no_generation)
-    again = load_task("listops", cache_dir=tmp_path, style="brackets", workers=1, **sizes)
+    again = load_task("listops", cache_dir=tmp_path, listops_tokens="brackets", workers=1, **sizes)
     assert np.array_equal(again.test.labels, task.test.labels)
     # The cached TSV files are LRA release files: load them back through path=.
     folder = tmp_path / "lra"
     folder.mkdir()
     for split in ("train", "val", "test"):
         (folder / f"basic_{split}.tsv").write_text(open(task.protocol["splits"][split]).read())
-    from_files = load_task("listops", cache_dir=tmp_path, path=folder, style="brackets", seq_len=250)
+    from_files = load_task("listops", cache_dir=tmp_path, path=folder, listops_tokens="brackets", seq_len=250)
     assert np.array_equal(from_files.train.tokens, task.train.tokens)
     with pytest.raises(UserError, match="not found"):
         load_task("listops", cache_dir=tmp_path, path=tmp_path / "missing")

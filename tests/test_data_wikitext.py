@@ -74,7 +74,7 @@ def test_official_layout_and_parquet_give_the_same_tokens(tmp_path):
 
 def test_task_from_official_folder(tmp_path):
     write_official(tmp_path / "wikitext-103-raw")
-    task = load_task("wikitext103", data_dir=tmp_path, tokenizer="bytes", seq_len=32, stride=16)
+    task = load_task("wikitext103", data_dir=tmp_path, tokenizer="bytes", seq_len=32, eval_stride=16)
     assert task.kind == "lm" and task.protocol["proxy"] is False
     assert task.protocol["context"] == 32 and task.protocol["stride"] == 16
     assert len(task.train) == len("".join(LINES["train"]).encode())

@@ -12,14 +12,16 @@ import pytest
 import torch
 
 from chiarformer import ChiarConfig, ChiarForCausalLM
+from chiarformer.atomic import atomic_write_json
 from chiarformer.data import ClassificationData
 from chiarformer.errors import UserError
 from chiarformer.train import checkpoint as C
 from chiarformer.train import load_run, resolve, save_model_into_run, train
 from chiarformer.train.datasets import BatchSampler, LMWindows, TaskData
 from chiarformer.train.loop import TrainingDiverged, lr_at, param_groups
-from chiarformer.train.runs import evaluate_run, read_metrics
-from chiarformer.train.tasks import ClassificationView
+from chiarformer.train.metrics import read_metrics
+from chiarformer.train.runs import evaluate_run
+from chiarformer.train.task_data import ClassificationView
 
 from corpus import TINY, write_corpus
 
@@ -123,8 +125,8 @@ def test_atomic_dir_keeps_the_old_checkpoint_on_failure(tmp_path):
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     path = tmp_path / "results.json"
-    C.atomic_write_json(path, {"a": 1})
-    C.atomic_write_json(path, {"a": 2})
+    atomic_write_json(path, {"a": 1})
+    atomic_write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
@@ -252,10 +254,10 @@ def test_fp16_gradient_overflow_is_skipped_by_the_scaler_not_a_divergence(tmp_pa
     """With a GradScaler (fp16 on CUDA; a CPU scaler stands in here) an overflowing step is skipped
     and the scale lowered, as the scaler is meant to; only without one is it a divergence."""
     from chiarformer.train.loop import Trainer
-    from chiarformer.train.tasks import finalize_model_config, load_task
+    from chiarformer.train.task_data import finalize_model_config, load_task_data
 
     cfg = text_cfg(corpus, "train.max_steps=4")
-    data = load_task(cfg, quiet=True)
+    data = load_task_data(cfg, quiet=True)
     finalize_model_config(cfg, data)
     real_forward = ChiarForCausalLM.forward
 
@@ -284,9 +286,9 @@ def test_resume_in_process_matches_uninterrupted(tmp_path, corpus):
     short = tmp_path / "short"
     cfg = text_cfg(corpus, "train.max_steps=8", "train.eval_every=4")
     from chiarformer.train.loop import Trainer
-    from chiarformer.train.tasks import finalize_model_config, load_task
+    from chiarformer.train.task_data import finalize_model_config, load_task_data
 
-    data = load_task(cfg, quiet=True)
+    data = load_task_data(cfg, quiet=True)
     finalize_model_config(cfg, data)
     short.mkdir()
     cfg.save(short / "config.yaml")

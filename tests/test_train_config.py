@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from chiarformer.errors import UserError
-from chiarformer.train.config import (
+from chiarformer.train.run_config import (
     DataConfig,
     RunConfig,
     TrainConfig,

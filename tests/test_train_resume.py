@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from chiarformer.train import resolve, train
-from chiarformer.train.runs import read_metrics
+from chiarformer.train.metrics import read_metrics
 
 from corpus import TINY, set_args, write_corpus
 

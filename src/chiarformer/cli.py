@@ -24,11 +24,20 @@ import argparse
 import json
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from . import hf_export, textgen
+from .analysis import cli as analysis_cli
+from .config import LAYOUTS, PRESETS
+from .data import download
+from .data.files import ENV_DATA_DIR, data_dir
+from .data.tasks import TASKS
 from .errors import UserError
 
 EXIT_USER_ERROR = 2
+# The subcommands import the training engine (chiarformer.train) when they run, not at start-up:
+# it is the heaviest part of the package and `chiar --help` needs none of it.
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,9 +49,6 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------------------- train
 def _add_config_args(p: argparse.ArgumentParser, *, task_required: bool = False) -> None:
-    from .config import LAYOUTS, PRESETS
-    from .train.tasks import TASKS
-
     p.add_argument("--task", required=task_required, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
     p.add_argument("--model", metavar="LAYOUT",
                    help=f"model layout: {', '.join(LAYOUTS)} or a per-layer string like D,DA,A (sets model.layout)")
@@ -53,8 +59,9 @@ def _add_config_args(p: argparse.ArgumentParser, *, task_required: bool = False)
 
 
 def cmd_train(args) -> int:
-    from .train.config import RunConfig, apply_sets, resolve, validate
-    from .train.loop import prepare_run_dir, train
+    from .train.loop import prepare_run_dir, train  # lazy: see the note at the top
+    from .train.run_config import RunConfig, apply_sets, diff, resolve, validate
+    from .train.task_data import TASK_FILLED_FIELDS
 
     out = Path(args.out) if args.out else None
     if args.resume:
@@ -64,9 +71,6 @@ def cmd_train(args) -> int:
         cfg = RunConfig.load(out / "config.yaml")
         if args.config or args.task or args.model or args.preset:
             fresh = resolve(args.task or cfg.task, args.preset or cfg.preset, args.model, args.config, args.sets)
-            from .train.config import diff
-            from .train.tasks import TASK_FILLED_FIELDS
-
             changed = diff(cfg, fresh, sections=("task", "preset", "model", "data"))
             # fields the task fills in when training starts do not count
             changed = [c for c in changed if c.split(":")[0].removeprefix("model.") not in TASK_FILLED_FIELDS]
@@ -85,8 +89,8 @@ def cmd_train(args) -> int:
 
 
 def _print_results(results: dict, out: Path) -> None:
-    from .train.dist import from_env
-    from .train.runs import format_metrics
+    from .train.dist import from_env  # lazy: see the note at the top
+    from .train.metrics import format_metrics
 
     if not from_env().is_main:
         return
@@ -102,7 +106,8 @@ def _print_results(results: dict, out: Path) -> None:
 
 # ---------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
-    from .train.runs import evaluate_run, format_metrics
+    from .train.metrics import format_metrics  # lazy: see the note at the top
+    from .train.runs import evaluate_run
 
     record = evaluate_run(args.run, split=args.split, which=args.which, batch_size=args.batch_size,
                           device=args.device, max_batches=args.max_batches)
@@ -121,7 +126,7 @@ def cmd_eval(args) -> int:
 
 # ---------------------------------------------------------------------------- import-reference
 def cmd_import_reference(args) -> int:
-    from .reference import import_reference
+    from .reference import import_reference  # lazy: it writes a run folder through the training engine
 
     imported = import_reference(args.checkpoint, args.out, tau=args.tau, task=args.task, routing=args.routing)
     cfg = imported.config
@@ -146,7 +151,7 @@ CONFIG_DEFAULT_TASK = "wikitext103"  # what `chiar config` shows without --task
 
 
 def cmd_config(args) -> int:
-    from .train.config import dump_yaml, resolve
+    from .train.run_config import dump_yaml, resolve  # lazy: see the note at the top
 
     task = args.task
     default_note = ""
@@ -169,9 +174,6 @@ def cmd_config(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from .data.files import ENV_DATA_DIR, data_dir
-    from .train.tasks import TASKS
-
     print(f"DATA_DIR = {data_dir()} (${ENV_DATA_DIR}; `chiar download NAME` fills it)")
     width = max(len(n) for n in TASKS)
     for name, spec in TASKS.items():
@@ -182,7 +184,7 @@ def cmd_tasks(args) -> int:
 
 # ---------------------------------------------------------------------------- quickstart
 def cmd_quickstart(args) -> int:
-    from .quickstart import run_quickstart
+    from .quickstart import run_quickstart  # lazy: it trains through the training engine
 
     run_quickstart(steps=args.steps, seed=args.seed, out=args.out, threads=args.threads, quiet=args.quiet,
                    n_train=args.examples, lengths=tuple(args.lengths) if args.lengths else None, depth=args.max_depth)
@@ -250,10 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_plugins(sub) -> None:
-    from . import hf_export, textgen
-    from .analysis import cli as analysis_cli
-    from .data import download
-
     analysis_cli.register(sub)
     textgen.register(sub)
     hf_export.register(sub)
@@ -261,8 +259,6 @@ def _register_plugins(sub) -> None:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("chiarformer")
     except PackageNotFoundError:  # running from a source tree that was never installed

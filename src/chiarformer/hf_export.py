@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .data.tokenizer import EOT
 from .errors import UserError
 
 
@@ -39,10 +40,10 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def hf_tokenizer(tokenizer):
     """A transformers PreTrainedTokenizerFast that gives the same ids as `tokenizer` (GPT-2 or bytes)."""
+    # heavy optional dependencies (the hf extra): imported only when exporting
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from .data.tokenizer import EOT
 
     if tokenizer.name == "gpt2":
         if tokenizer.files is None:
@@ -68,7 +69,7 @@ def hf_tokenizer(tokenizer):
 def export_run(run_dir: str | Path, out: str | Path, which: str = "best") -> list[str]:
     """Write the run's model (and tokenizer, when it has a Hugging Face form) into `out`; returns what was written."""
     hf = _require_transformers()
-    from .train.runs import load_run
+    from .train.runs import load_run  # lazy: `chiar --help` loads this module, not the engine
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

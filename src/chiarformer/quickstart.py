@@ -60,7 +60,7 @@ def run_quickstart(steps: int | None = None, seed: int = 0, out: str | None = No
                    quiet: bool = False, n_train: int | None = None, lengths: tuple[int, int] | None = None,
                    depth: int | None = None) -> dict:
     from .train import resolve, train
-    from .train.tasks import load_task
+    from .train.task_data import load_task_data
 
     steps = DEFAULT_STEPS if steps is None else steps
     n_train = DEFAULT_TRAIN if n_train is None else n_train
@@ -89,7 +89,7 @@ def run_quickstart(steps: int | None = None, seed: int = 0, out: str | None = No
         for name, layout, extra in MODELS:
             cfg = resolve("listops", "tiny", layout, sets=sets + extra)
             if data is None:  # both models read the same data
-                data = load_task(cfg, quiet=quiet)
+                data = load_task_data(cfg, quiet=quiet)
             if not quiet:
                 print(f"--- training {name} ({layout}{', ' + cfg.model.routing if cfg.model.routed_layers else ''})",
                       file=sys.stderr, flush=True)
@@ -208,7 +208,7 @@ def median_tokens_per_s(run_dir: Path) -> float | None:
     """Median training tokens/s over the run's logged windows (metrics.jsonl); robust to a slow stretch."""
     import statistics
 
-    from .train.runs import read_metrics
+    from .train.metrics import read_metrics
 
     rates = [rec["tokens_per_s"] for rec in read_metrics(run_dir) if rec.get("kind") == "train" and rec.get("tokens_per_s")]
     return statistics.median(rates) if rates else None

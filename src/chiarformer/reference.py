@@ -27,9 +27,14 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write_json
 from .config import PRESETS, REFERENCE_OPTIONS, ChiarConfig, layer_letters, parse_layout
+from .data.tasks import task_spec
 from .errors import UserError
 from .layers import rope_inv_freq
+from .train import checkpoint as C
+from .train.loop import build_model
+from .train.run_config import resolve
 
 # tau of the published 400M run: the midpoint of its config.py's tau_low / tau_high.
 TAU_400M = (0.8935 + 0.8973) / 2
@@ -220,7 +225,6 @@ def check_rope(take, layer: int, head_dim: int, base: float) -> None:
 def model_state(imported: Imported) -> dict[str, torch.Tensor]:
     """The full state dict of our model (thresholds added), checked against a model built on the
     meta device: every key present, every shape equal."""
-    from .train.loop import build_model
 
     cfg = imported.config
     with torch.device("meta"):
@@ -238,10 +242,6 @@ def model_state(imported: Imported) -> dict[str, torch.Tensor]:
 
 def write_run(imported: Imported, out: str | Path, task: str | None, source: Path) -> Path:
     """A run folder holding the imported model as its best checkpoint."""
-    from .train import checkpoint as C
-    from .train.config import resolve
-    from .train.tasks import TASKS
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new --out folder")
@@ -250,10 +250,9 @@ def write_run(imported: Imported, out: str | Path, task: str | None, source: Pat
         task = "wikitext103" if imported.kind == "lm" else "imdb" if cfg.n_classes == 2 else None
         if task is None:
             raise UserError(f"a classifier with {cfg.n_classes} classes: pass --task (e.g. listops-flat)")
-    if task not in TASKS:
-        raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if TASKS[task].kind != imported.kind:
-        raise UserError(f"task {task} is a {TASKS[task].kind} task but the checkpoint is a "
+    kind = task_spec(task).kind  # an unknown task is a UserError
+    if kind != imported.kind:
+        raise UserError(f"task {task} is a {kind} task but the checkpoint is a "
                         f"{'language model' if imported.kind == 'lm' else 'classifier'}")
     preset = "reference-400m" if cfg.d_model == PRESETS["reference-400m"]["d_model"] else "reference-17m"
     run = resolve(task, preset, sets=[f"data.seq_len={cfg.max_seq_len}", "data.eval_stride=0"])
@@ -263,7 +262,7 @@ def write_run(imported: Imported, out: str | Path, task: str | None, source: Pat
     run.save(out / "config.yaml")
     with C.AtomicDir(out / "checkpoints" / "best") as tmp:
         C.save_model_file(tmp / "model.safetensors", state, cfg.to_dict(), {"step": imported.step})
-        C.atomic_write_json(tmp / "meta.json", {
+        atomic_write_json(tmp / "meta.json", {
             "step": imported.step, "kind": "best", "task": task, "metrics": None,
             "imported_from": {"file": str(source), "code": "github hackie123/CHIAR-former @ 9602c6e",
                               "recorded": imported.metrics, "notes": imported.notes,

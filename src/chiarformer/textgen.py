@@ -14,6 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 from .config import ATTN, layer_letters
 from .errors import UserError
 
@@ -21,13 +23,11 @@ from .errors import UserError
 def sample_run(run, prompt: str, *, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, num_samples: int = 1, seed: int | None = None) -> tuple[list[int], list[list[int]]]:
     """The prompt's ids and the generated ids (end-of-text excluded) of `num_samples` continuations."""
-    import torch
-
     tok = run.tokenizer
     if run.kind != "lm":
         raise UserError(f"{run.run_dir} is a classification run; chiar generate needs a language-model run")
     if tok is None:  # load_run keeps going without it; loading it again raises the reason (and the fix)
-        from .train.tasks import tokenizer_for
+        from .train.task_data import tokenizer_for  # lazy: `chiar --help` loads this module, not the engine
 
         tok = run.tokenizer = tokenizer_for(run.run_config)
     if num_samples < 1:
@@ -49,8 +49,6 @@ def sample_run(run, prompt: str, *, max_new_tokens: int = 50, temperature: float
 
 def routing_table(run, prompt_ids: list[int], generated: list[int]) -> str:
     """One line per generated token: its text and the operator letter it took in each routed layer."""
-    import torch
-
     model, tok = run.model, run.tokenizer
     routed = model.cfg.routed_layers
     if not routed or not generated:
@@ -71,7 +69,7 @@ def routing_table(run, prompt_ids: list[int], generated: list[int]) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .train.runs import load_run
+    from .train.runs import load_run  # lazy: `chiar --help` loads this module, not the engine
 
     if args.prompt_file:
         path = Path(args.prompt_file)
@@ -82,8 +80,6 @@ def cmd_generate(args) -> int:
         prompt = path.read_text(encoding="utf-8")
     else:
         prompt = args.prompt if args.prompt is not None else ""
-    import torch
-
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")

@@ -31,6 +31,7 @@ import torch
 
 from ..config import ATTN, DCT, RBF, ChiarConfig, layer_letters
 from ..errors import UserError
+from ..train.runs import load_run, save_model_into_run
 from . import common
 
 METHODS = ("hidden", "paper")
@@ -256,14 +257,14 @@ def calibrate_run(
         if value is not None and not 0.0 <= value <= 1.0:
             raise UserError(f"{name} must lie in [0, 1], got {value}")
     run_dir = Path(run_dir)
-    run = common.load_run(run_dir, which, device=device)
+    run = load_run(run_dir, which, device=device)
     _check_routable(run.model.cfg)
     batches, source = _batches(run, split, batch_size, max_batches, text_file)
 
     if method == "hidden":
         result = calibrate_hidden(run.model, batches, target_attn, target_rbf)
     else:
-        base = run if baseline_run is None else common.load_run(baseline_run, "best", device=device)
+        base = run if baseline_run is None else load_run(baseline_run, "best", device=device)
         if baseline_run is not None:
             base_batches, base_source = _batches(base, split, batch_size, max_batches, text_file)
         else:
@@ -298,11 +299,9 @@ def _batches(run, split, batch_size, max_batches, text_file):
 
 def _store(run_dir: Path, which: str, result: Calibration, device: str) -> None:
     """Write the taus into every checkpoint of the run (each keeps its own weights) and config.yaml."""
-    from ..train.runs import save_model_into_run
-
     for name in ("best", "last") if which == "best" else ("last", "best"):
         if not (run_dir / "checkpoints" / name / "model.safetensors").is_file():
             continue
-        loaded = common.load_run(run_dir, name, device=device)
+        loaded = load_run(run_dir, name, device=device)
         loaded.model.set_taus(result.taus)
         save_model_into_run(run_dir, loaded.model, name)

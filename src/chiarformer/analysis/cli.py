@@ -82,7 +82,7 @@ def cmd_calibrate(args) -> int:
 
 # --------------------------------------------------------------------------- route
 def cmd_route(args) -> int:
-    from . import common
+    from ..train.runs import load_run
     from .route import render_ansi, render_html, render_png, route_text
 
     if args.file:
@@ -94,7 +94,7 @@ def cmd_route(args) -> int:
         text = args.text
     else:
         raise UserError('give the text to route, e.g. chiar route --run runs/NAME "some text" (or --file F)')
-    run = common.load_run(args.run, args.which, device=_device(args.device))
+    run = load_run(args.run, args.which, device=_device(args.device))
     view = route_text(run.model, run.tokenizer, text)
     if args.json:
         print(json.dumps(view.to_dict(), indent=2))

@@ -1,7 +1,7 @@
 """Shared pieces of the analysis tools: run folders, validation batches, routing statistics.
 
-Run folders are the engine's (chiarformer.train.runs); this module only reads them, except
-`store_taus`, which goes through the engine's `save_model_into_run`.
+Run folders are the engine's: load them with chiarformer.train.runs.load_run and read their
+metrics with chiarformer.train.metrics.read_metrics; this module only reads config.yaml.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from ..config import ATTN, DCT, RBF, ChiarConfig
 from ..errors import UserError
+from ..train.runs import check_run_dir
+from ..train.task_data import load_task_data
 
 OP_LABELS = {DCT: "DCT", ATTN: "ATTN", RBF: "RBF"}
 OP_COLORS = {DCT: "#4C72B0", ATTN: "#DD8452", RBF: "#55A868"}  # blue, orange, green
@@ -31,19 +34,8 @@ def read_json(path: Path) -> dict | None:
         raise UserError(f"cannot read {path}: {exc}") from None
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl records (unreadable lines skipped), [] when the file is missing."""
-    from ..train.runs import read_metrics as engine_read_metrics
-
-    return engine_read_metrics(run_dir)
-
-
 def read_run_config(run_dir: Path) -> dict:
     """config.yaml as a dict (task, preset, model, train, data)."""
-    import yaml
-
-    from ..train.runs import check_run_dir
-
     check_run_dir(Path(run_dir))
     path = Path(run_dir) / "config.yaml"
     try:
@@ -65,13 +57,6 @@ def model_config_of(config: dict) -> ChiarConfig | None:
         return None
 
 
-def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu"):
-    """The engine's loader (model in eval mode, config dict, tokenizer)."""
-    from ..train.runs import load_run as engine_load_run
-
-    return engine_load_run(run_dir, which, device=device)
-
-
 # --------------------------------------------------------------------------- data
 @dataclass
 class Batch:
@@ -81,9 +66,7 @@ class Batch:
 
 def validation_batches(run, split: str = "val", batch_size: int = 8, max_batches: int = 8) -> list[Batch]:
     """Batches of the run's own `split` data (reloaded through the engine's task registry)."""
-    from ..train.tasks import load_task
-
-    data = load_task(run.run_config, quiet=True)
+    data = load_task_data(run.run_config, quiet=True)
     dataset = {"val": data.val, "test": data.test, "train": data.train}.get(split)
     if dataset is None or len(dataset) == 0:
         raise UserError(f"task {run.run_config.task} has no {split} split to calibrate or analyse on")

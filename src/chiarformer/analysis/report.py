@@ -24,6 +24,8 @@ import numpy as np
 
 from ..config import ATTN, DCT, RBF, ChiarConfig, gaussian_entropy, layer_letters
 from ..errors import UserError
+from ..train.metrics import format_metrics, read_metrics
+from ..train.runs import load_run
 from . import common
 from .collapse import Collapse, detect_collapse, tail_window, train_records
 
@@ -56,7 +58,7 @@ def summarize_run(run_dir: str | Path, threshold: float = 0.01, window: float = 
     run_dir = Path(run_dir)
     config = common.read_run_config(run_dir)
     model = common.model_config_of(config)
-    metrics = common.read_metrics(run_dir)
+    metrics = read_metrics(run_dir)
     results = common.read_json(run_dir / "results.json")
     summary = RunSummary(run_dir, run_dir.name, config, model, metrics, results)
     summary.collapses = detect_collapse(metrics, model.layer_ops if model else None, threshold, window)
@@ -72,23 +74,6 @@ def _si(x) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.2f}{unit}"
     return f"{x:.0f}"
-
-
-def _metrics_text(m: dict | None, kind: str) -> str:
-    if not m:
-        return "-"
-    parts = []
-    if kind == "lm":
-        if m.get("ppl") is not None:
-            parts.append(f"ppl {m['ppl']:.2f}")
-        if m.get("bpb") is not None:
-            parts.append(f"bpb {m['bpb']:.3f}")
-    else:
-        if m.get("accuracy") is not None:
-            parts.append(f"acc {m['accuracy']:.4f}")
-    if m.get("loss") is not None:
-        parts.append(f"loss {m['loss']:.4f}")
-    return ", ".join(parts) or "-"
 
 
 def _protocol_text(s: RunSummary) -> str:
@@ -179,13 +164,13 @@ def markdown_table(summaries: list[RunSummary]) -> str:
         r = s.results or {}
         params = r.get("params") or {}
         best = (r.get("best") or {})
-        val = _metrics_text(best.get("val"), s.kind)
+        val = format_metrics(best.get("val"), s.kind)
         if best.get("step") is not None and val != "-":
             val += f" @ step {best['step']}"
         if not best:
             evals = [e for e in s.metrics if e.get("kind") == "eval" and e.get("split") == "val"]
-            val = _metrics_text(evals[-1], s.kind) + " (last eval)" if evals else "-"
-        test = _metrics_text(r.get("test"), s.kind)
+            val = format_metrics(evals[-1], s.kind) + " (last eval)" if evals else "-"
+        test = format_metrics(r.get("test"), s.kind)
         tokens = r.get("tokens_seen", _last([m for m in s.metrics if m.get("kind") == "train"], "tokens"))
         tps = r.get("tokens_per_s")
         if tps is None:
@@ -492,7 +477,7 @@ def _figures(summaries, fig_dir: Path, out, entropy: bool, max_batches: int, bat
     else:
         for s in summaries:
             try:
-                run = common.load_run(s.run_dir, "best", device=device)
+                run = load_run(s.run_dir, "best", device=device)
                 batches = common.validation_batches(run, "val", batch_size, max_batches)
                 stats = common.collect_routing(run.model, batches)
                 p = plot_entropy(s, stats, run.model.cfg, fig_dir / f"entropy_{_slug(s.name)}.png")

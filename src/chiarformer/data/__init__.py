@@ -17,7 +17,7 @@ Start here (the training engine needs only these):
     b = task.train.batch(indices)                           # input_ids, attention_mask, labels
 
 Tasks: wikitext2, wikitext103, wikitext2-proxy, imdb-lm-proxy, text, imdb, lra-text, listops,
-listops-flat (TASKS has one line on each). Building blocks: gpt2_tokenizer / ByteTokenizer
+listops-flat (TASKS holds one TaskSpec for each; register_task adds one). Building blocks: gpt2_tokenizer / ByteTokenizer
 (tokenizer.py), WikiText sources (wikitext.py), IMDB (imdb.py), ListOps generation and TSV
 files (listops.py), users' text files (text.py), the verified disk cache (cache.py).
 Data folder: CHIAR_DATA_DIR or ~/.cache/chiarformer/data (`chiar download` fills it, download.py);
@@ -36,7 +36,7 @@ from .listops import (
     write_listops_tsv,
 )
 from .lm import LMScore, bits_per_byte, eval_batches, eval_windows, scored_tokens, train_windows
-from .tasks import LISTOPS_CPU, TASKS, Task, load_task, task_options
+from .tasks import LISTOPS_CPU, TASKS, Task, TaskSpec, load_task, register_task, task_options, task_tokenizer
 from .tokenizer import ByteTokenizer, GPT2Tokenizer, get_tokenizer, gpt2_tokenizer
 from .wikitext import wikitext_source, wikitext_tokens
 
@@ -50,6 +50,7 @@ __all__ = [
     "ListOpsTokenizer",
     "TASKS",
     "Task",
+    "TaskSpec",
     "bits_per_byte",
     "eval_batches",
     "eval_windows",
@@ -60,9 +61,11 @@ __all__ = [
     "load_imdb",
     "load_task",
     "read_listops_tsv",
+    "register_task",
     "scored_tokens",
     "stratified_split",
     "task_options",
+    "task_tokenizer",
     "train_windows",
     "wikitext_source",
     "wikitext_tokens",

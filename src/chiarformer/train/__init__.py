@@ -6,8 +6,8 @@
     run = load_run("runs/demo", which="best")    # run.model (eval mode), run.config, run.tokenizer
 """
 
-from .config import DataConfig, RunConfig, TrainConfig, resolve
 from .loop import TrainingDiverged, train
+from .run_config import DataConfig, RunConfig, TrainConfig, resolve
 from .runs import load_run, save_model_into_run
 
 __all__ = ["DataConfig", "RunConfig", "TrainConfig", "TrainingDiverged", "load_run", "resolve", "save_model_into_run",

@@ -25,12 +25,15 @@ import torch
 from torch import nn
 
 from .. import ChiarConfig, ChiarForCausalLM, ChiarForSequenceClassification
+from ..atomic import atomic_write_json, atomic_write_text
 from ..errors import UserError
 from . import checkpoint as C
 from . import dist as D
-from .config import RunConfig
 from .datasets import BatchSampler, TaskData, shard
 from .evaluate import N_OPS, eval_protocol, evaluate, op_counts, shares
+from .metrics import format_metrics
+from .run_config import RunConfig, diff
+from .task_data import finalize_model_config, load_task_data
 
 # A test hook: seconds to sleep after every optimizer step (lets a test kill a run mid-training).
 STEP_DELAY_ENV = "CHIAR_DEBUG_STEP_DELAY"
@@ -91,10 +94,6 @@ def autocast_for(precision: str, device: torch.device):
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + 12_345) % (2**63 - 1)
-
-
-def _fmt(x, digits=4):
-    return "-" if x is None else f"{x:.{digits}g}"
 
 
 # ---------------------------------------------------------------------------- the trainer
@@ -295,7 +294,7 @@ class Trainer:
                 continue  # a line cut by the kill
             if rec.get("step", 0) <= step and not (rec.get("kind") == "eval" and rec.get("split") == "test"):
                 keep.append(line)
-        C.atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
     # ------------------------------------------------------------------ logging
     def log(self, record: dict) -> None:
@@ -502,10 +501,7 @@ class Trainer:
             self.bar.set_postfix(post, refresh=False)
 
     def _show_eval(self, record: dict) -> None:
-        if self.kind == "lm":
-            text = f"step {record['step']}: val loss {record['loss']:.4f} ppl {record['ppl']:.2f} bpb {_fmt(record['bpb'])}"
-        else:
-            text = f"step {record['step']}: val loss {record['loss']:.4f} accuracy {record['accuracy']:.4f}"
+        text = f"step {record['step']}: val {format_metrics(record, self.kind)}"
         if self.routed:
             text += " attn " + "/".join(f"{record['op_share'][i][1]:.2f}" for i in self.routed)
         self.say(text)
@@ -521,12 +517,10 @@ class Trainer:
             state, _ = C.load_model_file(best_dir / "model.safetensors")
             self._load_model_state(state, best_dir)
             test_record = self.run_eval("test", full=True)
-            self.say(f"test (best checkpoint, step {self.best['step']}): loss {test_record['loss']:.4f} "
-                     + (f"ppl {test_record['ppl']:.2f} bpb {_fmt(test_record['bpb'])}" if self.kind == "lm"
-                        else f"accuracy {test_record['accuracy']:.4f}"))
+            self.say(f"test (best checkpoint, step {self.best['step']}): {format_metrics(test_record, self.kind)}")
         results = self.results(test_record)
         if self.info.is_main:
-            C.atomic_write_json(self.run_dir / "results.json", results)
+            atomic_write_json(self.run_dir / "results.json", results)
         D.barrier(self.info)
         return results
 
@@ -643,9 +637,6 @@ def _main_first(info: D.DistInfo, device: torch.device, fn):
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, data: TaskData | None = None,
           quiet: bool = False) -> dict:
     """Train (or resume) a run into run_dir; returns the results dict (also written to results.json)."""
-    from .config import diff
-    from .tasks import finalize_model_config, load_task
-
     run_dir = Path(run_dir)
     info = D.from_env()
     prepare_run_dir(run_dir, resume)  # every rank checks before the rendezvous below
@@ -654,7 +645,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, data: Ta
     try:
         def prepare(main: bool) -> TaskData:
             # Rank 0 prepares (and caches) the data first; the others then read the cache.
-            task_data = data if data is not None else load_task(cfg, quiet=quiet or not main)
+            task_data = data if data is not None else load_task_data(cfg, quiet=quiet or not main)
             finalize_model_config(cfg, task_data)
             if resume:
                 changed = diff(RunConfig.load(run_dir / "config.yaml"), cfg)

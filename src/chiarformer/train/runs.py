@@ -8,11 +8,11 @@
 
 `load_run(run_dir, which)` -> LoadedRun(model in eval mode, config dict, tokenizer or None, ...).
 `save_model_into_run(run_dir, model, which)` stores changed weights/taus (e.g. after calibration).
+`evaluate_run(run_dir, split)` evaluates a checkpoint; metrics.jsonl is read by chiarformer.train.metrics.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +20,15 @@ from typing import Any
 
 import torch
 
+from ..config import ChiarConfig
+from ..data.tasks import task_spec
 from ..errors import UserError
 from . import checkpoint as C
-from .config import RunConfig
+from .dist import DistInfo
+from .evaluate import eval_protocol, evaluate
+from .loop import autocast_for, build_model, pick_device
+from .run_config import RunConfig
+from .task_data import finalize_model_config, load_task_data, tokenizer_for
 
 
 @dataclass
@@ -61,20 +67,15 @@ def checkpoint_dir(run_dir: str | Path, which: str = "best") -> Path:
 
 def load_run(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
     """The run's model (eval mode) with its config and tokenizer. Never unpickles anything."""
-    from .loop import build_model
-    from .tasks import TASKS, tokenizer_for
-
     run_dir = Path(run_dir)
     ckpt = checkpoint_dir(run_dir, which)
     cfg = RunConfig.load(run_dir / "config.yaml")
-    kind = TASKS[cfg.task].kind if cfg.task in TASKS else "lm"
+    kind = task_spec(cfg.task).kind  # an unknown task is a UserError, never a guess
     state, meta = C.load_model_file(ckpt / "model.safetensors")
     model_cfg = cfg.model
     saved = meta.get("model_config")
     if isinstance(saved, dict) and saved != model_cfg.to_dict():
         # The checkpoint records the model it was saved from (e.g. taus after calibration).
-        from ..config import ChiarConfig
-
         differing = [k for k in saved if saved.get(k) != model_cfg.to_dict().get(k) and k != "tau"]
         if differing:
             raise UserError(f"checkpoint {ckpt} does not fit {run_dir / 'config.yaml'}: model field(s) differ: "
@@ -110,35 +111,18 @@ def save_model_into_run(run_dir: str | Path, model: torch.nn.Module, which: str 
                 shutil.copy2(child, tmp / child.name)
         C.save_model_file(tmp / "model.safetensors", model.state_dict(), model_dict, {"step": meta.get("step")})
     if model_cfg is not None:
-        from ..config import ChiarConfig
-
         cfg.model = ChiarConfig.from_dict(model_dict)
         cfg.save(run_dir / "config.yaml")
-
-
-def format_metrics(metrics: dict, kind: str | None) -> str:
-    if not metrics:
-        return "-"
-    if kind == "lm" or metrics.get("ppl") is not None:
-        bpb = metrics.get("bpb")
-        return (f"loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}"
-                + (f"  bpb {bpb:.4f}" if bpb is not None else ""))
-    return f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}"
 
 
 def evaluate_run(run_dir: str | Path, split: str = "val", which: str = "best", batch_size: int = 0,
                  device: str = "auto", max_batches: int = 0) -> dict:
     """Evaluate a run's checkpoint on a split (reloading the task data). Nothing is written."""
-    from .dist import DistInfo
-    from .evaluate import eval_protocol, evaluate
-    from .loop import autocast_for, pick_device
-    from .tasks import finalize_model_config, load_task
-
     run_dir = Path(run_dir)
     dev = pick_device(device, DistInfo())
     run = load_run(run_dir, which, device=dev)
     cfg = run.run_config
-    data = load_task(cfg, quiet=True)
+    data = load_task_data(cfg, quiet=True)
     finalize_model_config(cfg, data)  # checks the data still fits the model (vocabulary, classes)
     dataset = {"val": data.val, "test": data.test, "train": data.train}[split]
     if dataset is None or len(dataset) == 0:
@@ -150,16 +134,3 @@ def evaluate_run(run_dir: str | Path, split: str = "val", which: str = "best", b
     protocol = eval_protocol(data, cfg, split)
     return {"kind": "eval", "split": split, "step": run.step, "checkpoint": which, **metrics, "protocol": protocol,
             "task_kind": data.kind}
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out

@@ -2,11 +2,12 @@
 
 A run is described by one `RunConfig`:
 
-    task:   the task name (see `chiarformer.train.tasks.TASKS`)
+    task:   the task name (see `chiarformer.data.tasks.TASKS`)
     preset: the model preset the `model` section started from (informational once resolved)
     model:  every `chiarformer.ChiarConfig` field
     train:  `TrainConfig` (optimiser, schedule, precision, logging, checkpoints)
-    data:   `DataConfig` (context length, evaluation stride, data folder, task-specific sizes)
+    data:   `DataConfig` (context length, evaluation stride, data folder, task-specific sizes; the
+            task-specific fields are the registry's task options, by the same names)
 
 Resolution order, later wins: dataclass defaults < the task's published defaults < the preset
 < the YAML file (--config) < --model/--preset flags < --set overrides. Values are typed by the
@@ -29,7 +30,9 @@ from typing import Any
 
 import yaml
 
+from ..atomic import atomic_write_text
 from ..config import PRESETS, ChiarConfig
+from ..data.tasks import TASKS, task_spec
 from ..errors import UserError
 
 
@@ -96,7 +99,7 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    task: str = "listops"  # what to train on: one of chiarformer.train.tasks.TASKS
+    task: str = "listops"  # what to train on: one of chiarformer.data.tasks.TASKS
     preset: str = "paper-17m"  # model preset the model section started from: a name in config.PRESETS
     model: ChiarConfig = field(default_factory=ChiarConfig)  # the model (every ChiarConfig field)
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation, precision, logging, checkpoints
@@ -116,15 +119,13 @@ class RunConfig:
     def from_dict(cls, values: dict) -> RunConfig:
         """Build from a full or partial dict (as in config.yaml); unknown keys and wrong types raise UserError."""
         cfg = cls()
-        apply_mapping(cfg, values, strict_model=True)
+        apply_mapping(cfg, values)
         return cfg
 
     def to_yaml(self) -> str:
         return dump_yaml(self)
 
     def save(self, path: str | Path) -> None:
-        from .checkpoint import atomic_write_text
-
         atomic_write_text(Path(path), self.to_yaml())
 
     @classmethod
@@ -252,7 +253,7 @@ def _section_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def apply_mapping(cfg: RunConfig, values: dict, *, strict_model: bool = True, source: str = "config") -> None:
+def apply_mapping(cfg: RunConfig, values: dict, *, source: str = "config") -> None:
     """Apply a (partial) nested mapping {task, preset, model: {...}, train: {...}, data: {...}} to cfg."""
     if not isinstance(values, dict):
         raise UserError(f"{source} must be a mapping")
@@ -391,10 +392,7 @@ def validate_section(obj: Any, name: str) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    from .tasks import TASKS
-
-    if cfg.task not in TASKS:
-        raise UserError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
+    task_spec(cfg.task)  # an unknown task is a UserError
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     validate_section(cfg.train, "train")
@@ -411,8 +409,6 @@ def resolve(
     sets: list[str] | None = None,
 ) -> RunConfig:
     """Build the run configuration from the CLI inputs, in the documented precedence order."""
-    from .tasks import TASKS, task_defaults
-
     file_values = read_yaml(config_file) if config_file else {}
     if not isinstance(file_values, dict):
         raise UserError("config file must hold a mapping")
@@ -420,9 +416,7 @@ def resolve(
     task = task or set_values.get("task") or file_values.get("task")
     if not task:
         raise UserError("no task given; pass --task (one of " + ", ".join(TASKS) + ")")
-    if task not in TASKS:
-        raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    defaults = task_defaults(task)
+    defaults = task_spec(task).defaults
     preset = preset or set_values.get("preset") or file_values.get("preset") or defaults.get("preset", "paper-17m")
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
