@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from chiarformer.cli import main
+from chiarformer.data.tasks import TASKS
+from chiarformer.train.metrics import format_metrics
 
 from corpus import TINY, set_args, write_corpus
 
@@ -124,13 +126,21 @@ def test_config_command_writes_a_loadable_commented_yaml(capsys, tmp_path):
     assert code == 0 and "max_steps: 3" in out
 
 
-def test_tasks_command_lists_every_task(capsys):
-    from chiarformer.data import TASKS as DATA_TASKS
+def test_one_metrics_format_for_every_tool():
+    lm = {"loss": 2.0, "ppl": 7.38905, "bpb": 1.25, "accuracy": 0.3}
+    assert format_metrics(lm, "lm") == "loss 2.0000  ppl 7.39  bpb 1.2500"
+    assert format_metrics(lm, None) == format_metrics(lm, "lm")  # an LM record says so by its ppl
+    assert format_metrics({"loss": 2.0, "ppl": 7.39, "bpb": None}, "lm") == "loss 2.0000  ppl 7.39"
+    assert format_metrics({"loss": 0.5, "accuracy": 0.75}, "cls") == "loss 0.5000  accuracy 0.7500"
+    assert format_metrics({"accuracy": 0.75}, "cls") == "accuracy 0.7500"
+    assert format_metrics({}, "lm") == format_metrics(None, "cls") == "-"
 
+
+def test_tasks_command_lists_every_task(capsys):
     code, out, _ = run_main(capsys, "tasks")
     assert code == 0
-    for name in DATA_TASKS:
-        assert name in out
+    for name, spec in TASKS.items():
+        assert f"{name}" in out and spec.source in out
 
 
 def test_quickstart_smoke(capsys, tmp_path):
