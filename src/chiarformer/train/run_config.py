@@ -409,9 +409,7 @@ def resolve(
     sets: list[str] | None = None,
 ) -> RunConfig:
     """Build the run configuration from the CLI inputs, in the documented precedence order."""
-    file_values = read_yaml(config_file) if config_file else {}
-    if not isinstance(file_values, dict):
-        raise UserError("config file must hold a mapping")
+    file_values = read_yaml(config_file) if config_file else {}  # always a mapping (read_yaml checks)
     set_values = _split_sets(sets or [])
     task = task or set_values.get("task") or file_values.get("task")
     if not task:
@@ -440,7 +438,6 @@ def resolve(
         model_changes[key] = value
     if layout:
         model_changes["layout"] = layout
-    cfg.task, cfg.preset = task, preset
     apply_sets(cfg, [s for s in (sets or []) if s.split("=", 1)[0].strip() not in TOP_LEVEL], model_changes)
     validate(cfg)
     return cfg
