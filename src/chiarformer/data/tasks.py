@@ -200,23 +200,22 @@ def _wikitext2_proxy(*, data_dir, cache, seq_len, eval_stride=0, val_fraction=0.
 def _imdb_lm_proxy(*, data_dir, cache, seq_len, eval_stride=0, val_fraction=0.1, data_seed=0, tokenizer="gpt2",
                    path="") -> Task:
     tok = get_tokenizer(tokenizer)
-    seed = data_seed
     train_src, test_src = imdb_source("train", data_dir, path or None), imdb_source("test", data_dir, path or None)
 
     def build_train():
         texts, labels = train_src.read()
-        kept, held = stratified_split(labels, val_fraction, seed)
+        kept, held = stratified_split(labels, val_fraction, data_seed)
         return {"train": documents_tokens([texts[i] for i in kept], tok), "val": documents_tokens([texts[i] for i in held], tok)}
 
     key = {"what": "imdb-lm", "source": train_src.checksum, "tokenizer": tok.fingerprint, "val_fraction": val_fraction,
-           "seed": seed}
+           "seed": data_seed}
     train = cache.arrays(f"imdb-lm-train-{tok.name}", key, build_train)
     key = {"what": "imdb-lm", "source": test_src.checksum, "tokenizer": tok.fingerprint}
     test = cache.arrays(f"imdb-lm-test-{tok.name}", key, lambda: {"test": documents_tokens(test_src.read()[0], tok)})
     splits = {"train": train["train"], "val": train["val"], "test": test["test"]}
     sources = {
-        "train": f"{train_src.description} ({1 - val_fraction:.0%} of reviews, seed {seed})",
-        "val": f"{train_src.description} ({val_fraction:.0%} of reviews, stratified, seed {seed})",
+        "train": f"{train_src.description} ({1 - val_fraction:.0%} of reviews, seed {data_seed})",
+        "val": f"{train_src.description} ({val_fraction:.0%} of reviews, stratified, seed {data_seed})",
         "test": test_src.description,
     }
     protocol = {"dataset": "IMDB review text, proxy LM corpus (reviews joined with end-of-text)", "proxy": True}
@@ -266,14 +265,14 @@ def _classification_task(name, tokenizer, seq_len, train, val, test, n_classes, 
 
 def _imdb_task(name, default_len, *, data_dir, cache, seq_len, val_fraction, data_seed, tokenizer, path) -> Task:
     tok = get_tokenizer(tokenizer)
-    seed = data_seed
     seq_len = seq_len or default_len
     full_train, train_desc = imdb_examples("train", tok, data_dir, path or None, cache)
     full_test, test_desc = imdb_examples("test", tok, data_dir, path or None, cache)
-    kept, held = stratified_split(full_train.labels, val_fraction, seed)
+    kept, held = stratified_split(full_train.labels, val_fraction, data_seed)
     protocol = {
         "dataset": "IMDB (aclImdb) sentiment",
-        "splits": {"train": train_desc, "val": f"{train_desc} ({val_fraction:.0%} stratified, seed {seed})", "test": test_desc},
+        "splits": {"train": train_desc, "val": f"{train_desc} ({val_fraction:.0%} stratified, seed {data_seed})",
+                   "test": test_desc},
         "tokenizer": tok.name,
         "seq_len": seq_len,
         "truncation": f"first {seq_len} tokens",
@@ -329,7 +328,6 @@ def _listops(
     workers=0,
 ) -> Task:
     tok = ListOpsTokenizer(listops_tokens)
-    seed = data_seed
     if path:
         folder = Path(path).expanduser()
         key = {"source": checksum([require_file(folder / f"basic_{s}.tsv", "ListOps TSV file") for s in SPLITS])}
@@ -341,16 +339,16 @@ def _listops(
         sizes = {"n_train": listops_train, "n_val": listops_val, "n_test": listops_test}
         rules = {"min_length": listops_min_length, "max_length": listops_max_length, "max_depth": listops_max_depth,
                  "max_args": listops_max_args}
-        key = {"generator": "lra-listops-v1", "seed": seed, **sizes, **rules}
+        key = {"generator": "lra-listops-v1", "seed": data_seed, **sizes, **rules}
 
         def write_tsv(folder: Path) -> None:
-            rows = generate_listops(listops_train + listops_val + listops_test, seed=seed, workers=workers or None,
+            rows = generate_listops(listops_train + listops_val + listops_test, seed=data_seed, workers=workers or None,
                                     **rules)
             for split, split_rows in _cut(rows, listops_train, listops_val).items():
                 write_listops_tsv(folder / f"basic_{split}.tsv", split_rows)
 
         folder = cache.folder("listops", key, write_tsv)
-        source = {"dataset": "LRA ListOps (generated)", "generation": {"seed": seed, **sizes, **rules}}
+        source = {"dataset": "LRA ListOps (generated)", "generation": {"seed": data_seed, **sizes, **rules}}
         seq_len = seq_len or listops_max_length
     files = {s: folder / f"basic_{s}.tsv" for s in SPLITS}
     source["splits"] = {s: str(f) for s, f in files.items()}
