@@ -185,7 +185,7 @@ def cmd_quickstart(args) -> int:
     from .quickstart import run_quickstart
 
     run_quickstart(steps=args.steps, seed=args.seed, out=args.out, threads=args.threads, quiet=args.quiet,
-                   n_train=args.examples, lengths=tuple(args.lengths) if args.lengths else None, depth=args.max_depth)
+                   n_train=args.examples, n_eval=args.n_eval, lengths=tuple(args.lengths) if args.lengths else None, depth=args.max_depth)
     return 0
 
 
@@ -200,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps per model (default 1000: about 2 min for both models on 2 cores)")
     p.add_argument("--examples", type=int, default=None, help="generated training expressions (default 16000)")
+    p.add_argument("--n-eval", type=int, default=None, help="generated validation and test expressions, each (default 500)")
     p.add_argument("--lengths", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="ListOps lengths, exclusive bounds (default 30 150; LRA: 500 2000)")
     p.add_argument("--max-depth", type=int, default=None, help="ListOps maximum depth (default 4; LRA: 10)")
