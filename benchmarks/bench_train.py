@@ -26,8 +26,9 @@ import time
 import numpy as np
 import torch
 
+from chiarformer.data import LMWindows
 from chiarformer.train import resolve
-from chiarformer.train.datasets import LMWindows, TaskData
+from chiarformer.train.datasets import TaskData
 from chiarformer.train.dist import DistInfo
 from chiarformer.train.loop import Trainer, configure_runtime
 from chiarformer.train.tasks import finalize_model_config

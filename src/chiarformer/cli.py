@@ -185,7 +185,8 @@ def cmd_quickstart(args) -> int:
     from .quickstart import run_quickstart
 
     run_quickstart(steps=args.steps, seed=args.seed, out=args.out, threads=args.threads, quiet=args.quiet,
-                   n_train=args.examples, n_eval=args.n_eval, lengths=tuple(args.lengths) if args.lengths else None, depth=args.max_depth)
+                   n_train=args.examples, n_eval=args.n_eval, lengths=tuple(args.lengths) if args.lengths else None,
+                   depth=args.max_depth)
     return 0
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..data.lm import LMWindows
 from ..errors import UserError
 from .config import RunConfig
-from .datasets import LMWindows, TaskData
+from .datasets import TaskData
 
 _LM_TRAIN = {"lr": 1e-4, "min_lr": 1e-6, "warmup_steps": 500, "batch_size": 128, "epochs": 10.0}
 LM_DEFAULTS = {
@@ -150,16 +151,16 @@ def load_task(cfg: RunConfig, quiet: bool = False) -> TaskData:
     if task.kind == "lm":
         train_tokens = task.train[: d.max_train_tokens] if d.max_train_tokens else task.train
         stride = d.eval_stride or d.seq_len
-        if len(train_tokens) < d.seq_len:
+        if len(train_tokens) <= d.seq_len:
             raise UserError(f"task {cfg.task}: {len(train_tokens)} training tokens are fewer than one window of "
-                            f"data.seq_len={d.seq_len}")
+                            f"data.seq_len={d.seq_len} inputs and their targets")
         if d.max_train_tokens:
             protocol["train_tokens_used"] = int(len(train_tokens))
         return TaskData(
             kind="lm",
             train=LMWindows(train_tokens, d.seq_len),
-            val=LMWindows.for_eval(task.val, d.seq_len, stride),
-            test=LMWindows.for_eval(task.test, d.seq_len, stride),
+            val=LMWindows(task.val, d.seq_len, stride),
+            test=LMWindows(task.test, d.seq_len, stride),
             vocab_size=task.vocab_size,
             protocol=protocol,
             token_bytes=task.tokenizer.token_byte_lengths(),
