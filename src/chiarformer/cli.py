@@ -55,6 +55,7 @@ def _add_config_args(p: argparse.ArgumentParser, *, task_required: bool = False)
 def cmd_train(args) -> int:
     from .train.config import RunConfig, apply_sets, resolve, validate
     from .train.loop import prepare_run_dir, train
+    from .train.runtime import tune_cpu_allocator
 
     out = Path(args.out) if args.out else None
     if args.resume:
@@ -63,21 +64,17 @@ def cmd_train(args) -> int:
         prepare_run_dir(out, resume=True)
         cfg = RunConfig.load(out / "config.yaml")
         if args.config or args.task or args.model or args.preset:
-            fresh = resolve(args.task or cfg.task, args.preset or cfg.preset, args.model, args.config, args.sets)
-            from .train.config import diff
-            from .train.tasks import TASK_FILLED_FIELDS
-
-            changed = diff(cfg, fresh, sections=("task", "preset", "model", "data"))
-            # fields the task fills in when training starts do not count
-            changed = [c for c in changed if c.split(":")[0].removeprefix("model.") not in TASK_FILLED_FIELDS]
-            if changed:
-                raise UserError(f"the checkpoint in {out} does not fit the given config: {'; '.join(changed[:3])}")
+            # What the user gave replaces the saved task, preset, model and data (train() checks,
+            # once, that they still fit the checkpoint); the saved train section is kept.
+            fresh = resolve(args.task or cfg.task, args.preset or cfg.preset, args.model, args.config, [])
+            cfg.task, cfg.preset, cfg.model, cfg.data = fresh.task, fresh.preset, fresh.model, fresh.data
         apply_sets(cfg, args.sets)
         validate(cfg)
     else:
         cfg = resolve(args.task, args.preset, args.model, args.config, args.sets)
         if out is None:
             out = Path("runs") / f"{cfg.task}-{cfg.model.layout.replace(',', '')}-{cfg.preset}"
+    tune_cpu_allocator(cfg)
     results = train(cfg, out, resume=args.resume, quiet=args.quiet)
     if not args.quiet:
         _print_results(results, out)

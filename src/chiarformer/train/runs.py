@@ -131,7 +131,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", which: str = "best", b
     """Evaluate a run's checkpoint on a split (reloading the task data). Nothing is written."""
     from .dist import DistInfo
     from .evaluate import eval_protocol, evaluate
-    from .loop import autocast_for, pick_device
+    from .runtime import autocast_for, pick_device
     from .tasks import finalize_model_config, load_task
 
     run_dir = Path(run_dir)
