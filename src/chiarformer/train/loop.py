@@ -36,7 +36,7 @@ from .evaluate import N_OPS, eval_protocol, evaluate, improves, op_counts, selec
 from .results import results_record
 from .runtime import autocast_for, pick_device, run_settings
 from .state import Checkpointer, Progress
-from .tasks import finalize_model_config, load_task
+from .tasks import TASK_FILLED_FIELDS, finalize_model_config, load_task
 
 
 class TrainingDiverged(UserError):
@@ -364,9 +364,11 @@ def _main_first(info: D.DistInfo, device: torch.device, fn):
 
 
 def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
-    """The one resume check: the run's task, preset, model and data must be those it was saved with
-    (model fields the task fills in are compared after finalize_model_config has filled them)."""
+    """The one resume check of the config: the run's task, preset, model and data must be those it
+    was saved with. The model fields the task fills in (vocabulary, classes, longest input) are
+    left to the checkpoint itself, which Checkpointer.load_last compares once the task filled them."""
     changed = diff(RunConfig.load(run_dir / "config.yaml"), cfg, sections=("task", "preset", "model", "data"))
+    changed = [c for c in changed if c.split(":")[0].removeprefix("model.") not in TASK_FILLED_FIELDS]
     if changed:
         raise UserError(f"the checkpoint in {run_dir} does not fit the config: {'; '.join(changed[:3])}")
 
@@ -383,6 +385,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, data: Ta
     run_dir = Path(run_dir)
     info = D.from_env()
     prepare_run_dir(run_dir, resume)  # every rank checks before the rendezvous below
+    if resume:
+        check_resumable(run_dir, cfg)  # before any data is prepared
     with run_settings(cfg, info) as device:
         D.init(info, device)
         try:
@@ -390,8 +394,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, data: Ta
                 # Rank 0 prepares (and caches) the data first; the others then read the cache.
                 task_data = data if data is not None else load_task(cfg, quiet=quiet or not main)
                 finalize_model_config(cfg, task_data)
-                if resume:
-                    check_resumable(run_dir, cfg)
                 if main:
                     run_dir.mkdir(parents=True, exist_ok=True)
                     cfg.save(run_dir / "config.yaml")

@@ -189,6 +189,10 @@ def tokenizer_for(cfg: RunConfig):
     return get_tokenizer(cfg.data.tokenizer)
 
 
+# Model fields that finalize_model_config fills in from the task.
+TASK_FILLED_FIELDS = ("vocab_size", "n_classes", "max_seq_len")
+
+
 def finalize_model_config(cfg: RunConfig, data: TaskData) -> None:
     """Fill the model fields that the task decides: vocabulary size, classes, longest input."""
     changes = {}
