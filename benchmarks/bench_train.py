@@ -61,7 +61,7 @@ def measure(case: dict, device: str, seq_len: int, steps: int, repeats: int, thr
                     vocab_size=case["vocab"])
     finalize_model_config(cfg, data)
     info = DistInfo()
-    tune_cpu_allocator(cfg)  # as the command line does
+    tune_cpu_allocator(device)  # as the command line does
     with run_settings(cfg, info) as dev, tempfile.TemporaryDirectory() as tmp:
         threads_used = torch.get_num_threads()
         trainer = Trainer(cfg, tmp, data, dist_info=info, quiet=True, device=dev)

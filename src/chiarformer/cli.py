@@ -74,7 +74,7 @@ def cmd_train(args) -> int:
         cfg = resolve(args.task, args.preset, args.model, args.config, args.sets)
         if out is None:
             out = Path("runs") / f"{cfg.task}-{cfg.model.layout.replace(',', '')}-{cfg.preset}"
-    tune_cpu_allocator(cfg)
+    tune_cpu_allocator(cfg.train.device)
     results = train(cfg, out, resume=args.resume, quiet=args.quiet)
     if not args.quiet:
         _print_results(results, out)
@@ -180,6 +180,9 @@ def cmd_tasks(args) -> int:
 # ---------------------------------------------------------------------------- quickstart
 def cmd_quickstart(args) -> int:
     from .quickstart import run_quickstart
+    from .train.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator("cpu")  # the quickstart trains on CPU
 
     run_quickstart(steps=args.steps, seed=args.seed, out=args.out, threads=args.threads, quiet=args.quiet,
                    n_train=args.examples, n_eval=args.n_eval, lengths=tuple(args.lengths) if args.lengths else None,

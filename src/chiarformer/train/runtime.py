@@ -44,8 +44,9 @@ def autocast_for(precision: str, device: torch.device):
     return precision, lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def tune_cpu_allocator(cfg: RunConfig) -> bool:
-    """For a run on CPU, keep large buffers in glibc's heap instead of fresh mmap()s; for good.
+def tune_cpu_allocator(device: str) -> bool:
+    """For a run on CPU (`device`: the train.device setting), keep large buffers in glibc's heap
+    instead of fresh mmap()s, for the rest of the process.
 
     A CPU step allocates several (batch x context x vocab) float tensors (hundreds of MB with the
     GPT-2 vocabulary); above glibc's mmap threshold each is a new mapping whose pages are faulted
@@ -55,7 +56,7 @@ def tune_cpu_allocator(cfg: RunConfig) -> bool:
     """
     import ctypes  # only here: the one use of the C library
 
-    on_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if not on_cpu or not sys.platform.startswith("linux"):
         return False
     try:
