@@ -26,10 +26,12 @@ import time
 import numpy as np
 import torch
 
+from chiarformer.data import LMWindows
 from chiarformer.train import resolve
-from chiarformer.train.datasets import LMWindows, TaskData
+from chiarformer.train.datasets import TaskData
 from chiarformer.train.dist import DistInfo
-from chiarformer.train.loop import Trainer, configure_runtime
+from chiarformer.train.loop import Trainer
+from chiarformer.train.runtime import run_settings, tune_cpu_allocator
 from chiarformer.train.task_data import finalize_model_config
 
 GPT2_VOCAB = 50257
@@ -59,8 +61,9 @@ def measure(case: dict, device: str, seq_len: int, steps: int, repeats: int, thr
                     vocab_size=case["vocab"])
     finalize_model_config(cfg, data)
     info = DistInfo()
-    dev = configure_runtime(cfg, info)
-    with tempfile.TemporaryDirectory() as tmp:
+    tune_cpu_allocator(device)  # as the command line does
+    with run_settings(cfg, info) as dev, tempfile.TemporaryDirectory() as tmp:
+        threads_used = torch.get_num_threads()
         trainer = Trainer(cfg, tmp, data, dist_info=info, quiet=True, device=dev)
         for _ in range(3):  # warm-up (allocator, kernels, compile)
             trainer.train_step()
@@ -75,7 +78,7 @@ def measure(case: dict, device: str, seq_len: int, steps: int, repeats: int, thr
                 torch.cuda.synchronize()
             rates.append(steps * case["batch"] * seq_len / (time.perf_counter() - start))
         params = trainer.params
-    return {**case, "device": str(dev), "precision": trainer.precision, "threads": torch.get_num_threads(),
+    return {**case, "device": str(dev), "precision": trainer.precision, "threads": threads_used,
             "seq_len": seq_len, "params": params["total"], "non_embedding_params": params["non_embedding"],
             "tokens_per_s": statistics.median(rates), "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates)}
 

@@ -144,7 +144,7 @@ def test_tasks_command_lists_every_task(capsys):
 
 
 def test_quickstart_smoke(capsys, tmp_path):
-    code, out, err = run_main(capsys, "quickstart", "--steps", "4", "--examples", "64", "--quiet",
+    code, out, err = run_main(capsys, "quickstart", "--steps", "4", "--examples", "64", "--n-eval", "32", "--quiet",
                               "--out", str(tmp_path / "qs"))
     assert code == 0, err
     for fragment in ("baseline", "CHIAR-Former", "topk, attn_fraction 0.25", "val accuracy", "test accuracy",

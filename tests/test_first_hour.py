@@ -81,8 +81,8 @@ def test_median_tokens_per_s(tmp_path):
 
 def test_quickstart_warns_under_load_and_shows_progress_off_a_terminal(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("os.getloadavg", lambda: (64.0, 64.0, 64.0))
-    monkeypatch.setattr("chiarformer.train.loop.PROGRESS_S", 0.0)  # a line after every step
-    quickstart.run_quickstart(steps=4, n_train=64, out=str(tmp_path / "qs"))
+    monkeypatch.setattr("chiarformer.train.display.PROGRESS_S", 0.0)  # a line after every step
+    quickstart.run_quickstart(steps=4, n_train=64, n_eval=32, out=str(tmp_path / "qs"))
     captured = capsys.readouterr()  # neither stream is a terminal here
     assert "train tokens/s (median, noisy)" in captured.out
     assert "WARNING: the machine's load average reached 64.0" in captured.out

@@ -39,6 +39,18 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "chiarformer.cli", *args]
 
 
+# `chiar` with every optimizer step slowed down, so that the test can kill the run mid-training.
+SLOW_CLI = """
+import sys, time
+from chiarformer.cli import main
+from chiarformer.train.loop import Trainer
+
+step = Trainer.train_step
+Trainer.train_step = lambda self: (time.sleep(0.1), step(self))[1]
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def train_lines(run: Path) -> list[tuple]:
     return [(r["step"], r["loss"], r["tokens"], tuple(map(tuple, r["op_share"])))
             for r in read_metrics(run) if r["kind"] == "train"]
@@ -50,10 +62,9 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, setup):
     reference = train(resolve("text", "tiny", "dct_attn", sets=sets), tmp_path / "ref", quiet=True)
 
     run = tmp_path / "killed"
-    args = cli("train", "--task", "text", "--preset", "tiny", "--model", "dct_attn", *set_args(sets),
-               "--out", str(run), "--quiet")
-    proc = subprocess.Popen(args, env={**env, "CHIAR_DEBUG_STEP_DELAY": "0.1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    args = [sys.executable, "-c", SLOW_CLI, "train", "--task", "text", "--preset", "tiny", "--model", "dct_attn",
+            *set_args(sets), "--out", str(run), "--quiet"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     meta = run / "checkpoints" / "last" / "meta.json"
     deadline = time.time() + 120
     killed_at = None

@@ -60,8 +60,8 @@ def _add_config_args(p: argparse.ArgumentParser, *, task_required: bool = False)
 
 def cmd_train(args) -> int:
     from .train.loop import prepare_run_dir, train  # lazy: see the note at the top
-    from .train.run_config import RunConfig, apply_sets, diff, resolve, validate
-    from .train.task_data import TASK_FILLED_FIELDS
+    from .train.run_config import RunConfig, apply_sets, resolve, validate
+    from .train.runtime import tune_cpu_allocator
 
     out = Path(args.out) if args.out else None
     if args.resume:
@@ -70,18 +70,17 @@ def cmd_train(args) -> int:
         prepare_run_dir(out, resume=True)
         cfg = RunConfig.load(out / "config.yaml")
         if args.config or args.task or args.model or args.preset:
-            fresh = resolve(args.task or cfg.task, args.preset or cfg.preset, args.model, args.config, args.sets)
-            changed = diff(cfg, fresh, sections=("task", "preset", "model", "data"))
-            # fields the task fills in when training starts do not count
-            changed = [c for c in changed if c.split(":")[0].removeprefix("model.") not in TASK_FILLED_FIELDS]
-            if changed:
-                raise UserError(f"the checkpoint in {out} does not fit the given config: {'; '.join(changed[:3])}")
+            # What the user gave replaces the saved task, preset, model and data (train() checks,
+            # once, that they still fit the checkpoint); the saved train section is kept.
+            fresh = resolve(args.task or cfg.task, args.preset or cfg.preset, args.model, args.config, [])
+            cfg.task, cfg.preset, cfg.model, cfg.data = fresh.task, fresh.preset, fresh.model, fresh.data
         apply_sets(cfg, args.sets)
         validate(cfg)
     else:
         cfg = resolve(args.task, args.preset, args.model, args.config, args.sets)
         if out is None:
             out = Path("runs") / f"{cfg.task}-{cfg.model.layout.replace(',', '')}-{cfg.preset}"
+    tune_cpu_allocator(cfg.train.device)
     results = train(cfg, out, resume=args.resume, quiet=args.quiet)
     if not args.quiet:
         _print_results(results, out)
@@ -185,9 +184,13 @@ def cmd_tasks(args) -> int:
 # ---------------------------------------------------------------------------- quickstart
 def cmd_quickstart(args) -> int:
     from .quickstart import run_quickstart  # lazy: it trains through the training engine
+    from .train.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator("cpu")  # the quickstart trains on CPU
 
     run_quickstart(steps=args.steps, seed=args.seed, out=args.out, threads=args.threads, quiet=args.quiet,
-                   n_train=args.examples, lengths=tuple(args.lengths) if args.lengths else None, depth=args.max_depth)
+                   n_train=args.examples, n_eval=args.n_eval, lengths=tuple(args.lengths) if args.lengths else None,
+                   depth=args.max_depth)
     return 0
 
 
@@ -202,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps per model (default 1000: about 2 min for both models on 2 cores)")
     p.add_argument("--examples", type=int, default=None, help="generated training expressions (default 16000)")
+    p.add_argument("--n-eval", type=int, default=None, help="generated validation and test expressions, each (default 500)")
     p.add_argument("--lengths", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="ListOps lengths, exclusive bounds (default 30 150; LRA: 500 2000)")
     p.add_argument("--max-depth", type=int, default=None, help="ListOps maximum depth (default 4; LRA: 10)")

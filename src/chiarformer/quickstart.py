@@ -30,6 +30,7 @@ from .errors import UserError
 # Sized to finish both models in about 2 minutes on 2 CPU cores (see docs/training.md).
 DEFAULT_STEPS = 1000
 DEFAULT_TRAIN = 16000
+DEFAULT_EVAL = 500  # validation and test expressions each
 DEFAULT_LENGTHS = (30, 150)
 DEFAULT_DEPTH = 4
 MODELS = (
@@ -39,10 +40,11 @@ MODELS = (
 
 
 def quickstart_sets(steps: int, n_train: int, seed: int, threads: int, cache_dir: Path,
-                    lengths: tuple[int, int] = DEFAULT_LENGTHS, depth: int = DEFAULT_DEPTH) -> list[str]:
+                    lengths: tuple[int, int] = DEFAULT_LENGTHS, depth: int = DEFAULT_DEPTH,
+                    n_eval: int = DEFAULT_EVAL) -> list[str]:
     return [
         # ListOps, generated with the LRA rules at CPU size
-        f"data.listops_train={n_train}", "data.listops_val=500", "data.listops_test=500",
+        f"data.listops_train={n_train}", f"data.listops_val={n_eval}", f"data.listops_test={n_eval}",
         f"data.listops_min_length={lengths[0]}", f"data.listops_max_length={lengths[1]}",
         f"data.listops_max_depth={depth}", "data.listops_tokens=brackets", f"data.seq_len={lengths[1]}",
         f"data.data_seed={seed}", f"data.cache_dir={cache_dir}", f"data.workers={1 if n_train <= 4000 else 0}",
@@ -58,16 +60,19 @@ def quickstart_sets(steps: int, n_train: int, seed: int, threads: int, cache_dir
 
 def run_quickstart(steps: int | None = None, seed: int = 0, out: str | None = None, threads: int = 0,
                    quiet: bool = False, n_train: int | None = None, lengths: tuple[int, int] | None = None,
-                   depth: int | None = None) -> dict:
+                   depth: int | None = None, n_eval: int | None = None) -> dict:
     from .train import resolve, train
     from .train.task_data import load_task_data
 
     steps = DEFAULT_STEPS if steps is None else steps
     n_train = DEFAULT_TRAIN if n_train is None else n_train
+    n_eval = DEFAULT_EVAL if n_eval is None else n_eval
     if steps < 1:
         raise UserError(f"--steps must be positive, got {steps}")
     if n_train < 32:
         raise UserError(f"--examples must be at least 32, got {n_train}")
+    if n_eval < 10:
+        raise UserError(f"--n-eval must be at least 10, got {n_eval}")
     lengths = tuple(lengths or DEFAULT_LENGTHS)
     depth = depth or DEFAULT_DEPTH
     tmp = None
@@ -81,7 +86,7 @@ def run_quickstart(steps: int | None = None, seed: int = 0, out: str | None = No
                 raise UserError(f"{root / _folder(name)} already exists; choose another --out")
     started = time.perf_counter()
     try:
-        sets = quickstart_sets(steps, n_train, seed, threads, root / "cache", lengths, depth)
+        sets = quickstart_sets(steps, n_train, seed, threads, root / "cache", lengths, depth, n_eval)
         if not quiet:
             print(f"chiar quickstart: ListOps ({n_train} generated training expressions), {steps} steps per model, "
                   f"CPU, {threads or os.cpu_count()} thread(s)", file=sys.stderr, flush=True)
@@ -99,7 +104,7 @@ def run_quickstart(steps: int | None = None, seed: int = 0, out: str | None = No
             rows[name] = {"cfg": cfg, "results": results, "wall_s": time.perf_counter() - t0,
                           "run_dir": root / _folder(name)}
         loads = [x for x in loads + [machine_load()] if x is not None]
-        table = format_table(rows, data, steps, n_train, time.perf_counter() - started, max(loads) if loads else None)
+        table = format_table(rows, data, steps, n_train, n_eval, time.perf_counter() - started, max(loads) if loads else None)
         print(table)
         if out is not None:
             (root / "quickstart.txt").write_text(table + "\n")
@@ -115,7 +120,7 @@ def _folder(name: str) -> str:
     return "quickstart-" + name.lower().replace(" ", "-")
 
 
-def format_table(rows: dict, data, steps: int, n_train: int, total_s: float, load: float | None = None) -> str:
+def format_table(rows: dict, data, steps: int, n_train: int, n_eval: int, total_s: float, load: float | None = None) -> str:
     from . import flops
 
     names = list(rows)
@@ -182,7 +187,7 @@ def format_table(rows: dict, data, steps: int, n_train: int, total_s: float, loa
         "",
         f"ListOps, generated with the LRA rules at CPU size: lengths {gen.get('min_length')}-{gen.get('max_length')}, "
         f"depth <= {gen.get('max_depth')}, bracket-preserving tokens (vocab {cfg0.model.vocab_size}); "
-        f"{n_train} train / 500 val / 500 test; 10 classes (chance 0.10, majority {majority:.2f})",
+        f"{n_train} train / {n_eval} val / {n_eval} test; 10 classes (chance 0.10, majority {majority:.2f})",
         f"both: d_model {cfg0.model.d_model}, {cfg0.model.n_layers} layers, {cfg0.model.n_heads} heads, bidirectional, "
         f"{steps} steps x {cfg0.train.batch_size} sequences, AdamW lr {cfg0.train.lr:g}, seed {cfg0.train.seed}, CPU",
         "",

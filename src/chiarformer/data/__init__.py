@@ -6,12 +6,9 @@ Start here (the training engine needs only these):
     task = load_task("wikitext2-proxy", seq_len=256)        # see chiarformer.data.tasks
     task.kind, task.train, task.val, task.test, task.tokenizer, task.protocol
 
-    from chiarformer.data import train_windows, eval_batches, LMScore
-    windows = train_windows(task.train, task.seq_len)       # (N, T) uint16 view; sample rows
-    score = LMScore(task.tokenizer.token_byte_lengths())
-    for b in eval_batches(task.val, task.seq_len, task.protocol["stride"], batch_size=32):
-        score.add(model(b["input_ids"]).logits, b["labels"])
-    score.result()                                          # loss, ppl, bpb, tokens, bytes
+    from chiarformer.data import LMWindows
+    val = LMWindows(task.val, task.seq_len, task.protocol["stride"])   # the engine's windows (lm.py)
+    b = val.batch([0, 1])                                   # input_ids, labels (-100: context only)
 
     task = load_task("listops", **LISTOPS_CPU)              # classification
     b = task.train.batch(indices)                           # input_ids, attention_mask, labels
@@ -35,7 +32,7 @@ from .listops import (
     read_listops_tsv,
     write_listops_tsv,
 )
-from .lm import LMScore, bits_per_byte, eval_batches, eval_windows, scored_tokens, train_windows
+from .lm import LMWindows, window_spans
 from .tasks import LISTOPS_CPU, TASKS, Task, TaskSpec, load_task, register_task, task_options, task_tokenizer
 from .tokenizer import ByteTokenizer, GPT2Tokenizer, get_tokenizer, gpt2_tokenizer
 from .wikitext import wikitext_source, wikitext_tokens
@@ -46,14 +43,11 @@ __all__ = [
     "ClassificationData",
     "GPT2Tokenizer",
     "LISTOPS_CPU",
-    "LMScore",
+    "LMWindows",
     "ListOpsTokenizer",
     "TASKS",
     "Task",
     "TaskSpec",
-    "bits_per_byte",
-    "eval_batches",
-    "eval_windows",
     "generate_listops",
     "generate_listops_flat",
     "get_tokenizer",
@@ -62,11 +56,10 @@ __all__ = [
     "load_task",
     "read_listops_tsv",
     "register_task",
-    "scored_tokens",
     "stratified_split",
     "task_options",
     "task_tokenizer",
-    "train_windows",
+    "window_spans",
     "wikitext_source",
     "wikitext_tokens",
     "write_listops_tsv",

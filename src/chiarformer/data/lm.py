@@ -1,16 +1,15 @@
-"""Language-model batches: training windows, (sliding-)window evaluation, PPL and bits per byte.
+"""Language-model windows: the one definition of how a token stream becomes batches, for training
+and evaluation alike (the engine scores them in chiarformer.train.evaluate).
 
-    x = train_windows(tokens, seq_len)          # (N, seq_len) view: non-overlapping, remainder dropped
-    for b in eval_batches(tokens, context=256, stride=128, batch_size=32):
-        out = model(b["input_ids"])             # labels are shifted inside the loss, as the model does
-        score.add(out.logits, b["labels"])      # score = LMScore(tokenizer.token_byte_lengths())
-    score.result()                              # {"loss", "ppl", "bpb", "tokens", "bytes"}
+    ds = LMWindows(tokens, context=256)             # stride == context: the published windows
+    ds = LMWindows(tokens, context=256, stride=128) # sliding-window evaluation
+    batch = ds.batch([0, 1, 2])                     # {"input_ids", "labels"}, int64
 
-Evaluation protocol, (context C, stride S):
+Windows, for context C and stride S:
 - S == C: the published protocol. Windows of C + 1 tokens start every C tokens, (N - 1) // C
   of them (the remainder dropped): the model reads x = t[s : s+C] and predicts y = t[s+1 : s+C+1],
-  C targets per window, so every token but the first is scored once (its batches' labels are
-  one longer than the input, see model.next_token_pairs).
+  C targets per window, so every token but the first is scored once (the batches' labels are
+  one longer than the input, see model.next_token_pairs). Training uses these windows too.
 - S < C: sliding windows. Windows start every S tokens; each scores only the tokens that no
   earlier window scored, so every token after the first is scored exactly once, with at least
   C - S tokens of context (fewer only at the start). The last window is moved back to end at
@@ -25,27 +24,15 @@ It compares models across tokenizers.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import UserError
 
 IGNORE = -100
 
 
-def train_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-    """Non-overlapping windows of seq_len tokens as an (N, seq_len) view; the remainder is dropped."""
-    n = len(tokens) // seq_len
-    if n == 0:
-        raise UserError(f"{len(tokens)} tokens are fewer than one window of {seq_len}")
-    return tokens[: n * seq_len].reshape(n, seq_len)
-
-
-def eval_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+def window_spans(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, first_scored, end) per window; tokens[first_scored:end] are scored by that window."""
     if not 1 <= stride <= context:
         raise UserError(f"stride must be between 1 and the context ({context}), got {stride}")
@@ -67,54 +54,38 @@ def eval_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, in
     return windows
 
 
-def eval_batches(tokens: np.ndarray, context: int, stride: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches {"input_ids", "labels"} (int64, (B, T)) covering eval_windows(len(tokens), ...)."""
-    windows = eval_windows(len(tokens), context, stride)
-    for start in range(0, len(windows), batch_size):
-        chunk = windows[start : start + batch_size]
-        labels = np.stack([np.asarray(tokens[b:e], np.int64) for b, _, e in chunk])
-        ids = labels[:, :context].copy()  # the published windows' last token is a target only
-        for row, (b, first, _) in enumerate(chunk):
-            labels[row, : first - b] = IGNORE
-        yield {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+class LMWindows:
+    """A 1-D token stream seen as the indexable windows of window_spans (all of one length)."""
 
+    kind = "lm"
 
-def scored_tokens(tokens: np.ndarray, context: int, stride: int) -> np.ndarray:
-    """The ids that eval_batches scores, in order (for byte counts and checks)."""
-    return np.concatenate([np.asarray(tokens[f:e]) for _, f, e in eval_windows(len(tokens), context, stride)])
+    def __init__(self, tokens: np.ndarray, context: int, stride: int | None = None):
+        self.tokens = np.asarray(tokens)
+        if self.tokens.ndim != 1:
+            raise ValueError("LMWindows expects a 1-D token array")
+        self.seq_len = int(context)
+        spans = window_spans(len(self.tokens), self.seq_len, int(stride or context))
+        self.span = spans[0][2] - spans[0][0]  # tokens per row: the model reads the first seq_len
+        self.starts = np.asarray([b for b, _, _ in spans], dtype=np.int64)
+        self.score_from = np.asarray([f - b for b, f, _ in spans], dtype=np.int64)  # first scored, in the row
 
+    def __len__(self) -> int:
+        return len(self.starts)
 
-def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
-    """Total cross-entropy (nats) converted to bits, per UTF-8 byte."""
-    return nll_nats / math.log(2) / n_bytes if n_bytes else float("nan")
+    @property
+    def n_scored(self) -> int:
+        return int(np.sum(self.span - self.score_from))
 
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        """input_ids: the first seq_len tokens of each window; labels: all of them (one longer in the
+        published protocol, see model.next_token_pairs), -100 where a token is context only."""
+        rows = np.stack([self.tokens[s : s + self.span] for s in self.starts[indices]]).astype(np.int64)
+        labels = torch.from_numpy(rows)
+        input_ids = labels[:, : self.seq_len].clone()
+        score_from = torch.from_numpy(self.score_from[indices])
+        positions = torch.arange(self.span)[None, :]
+        labels[positions < score_from[:, None]] = IGNORE
+        return {"input_ids": input_ids, "labels": labels}
 
-class LMScore:
-    """Sums cross-entropy (labels shifted by one, -100 ignored) and scored bytes over batches."""
-
-    def __init__(self, token_byte_lengths: np.ndarray):
-        self._bytes_per_id = torch.as_tensor(np.asarray(token_byte_lengths), dtype=torch.int64)
-        self.nll = 0.0
-        self.tokens = 0
-        self.bytes = 0
-
-    @torch.no_grad()
-    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        from ..model import next_token_pairs
-
-        logits, targets = next_token_pairs(logits.float(), labels.to(logits.device))
-        self.nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
-                                    reduction="sum").item()
-        scored = targets[targets != IGNORE].cpu()
-        self.tokens += scored.numel()
-        self.bytes += int(self._bytes_per_id[scored].sum())
-
-    def result(self) -> dict[str, float]:
-        loss = self.nll / self.tokens if self.tokens else float("nan")
-        return {
-            "loss": loss,
-            "ppl": math.exp(loss) if self.tokens else float("nan"),
-            "bpb": bits_per_byte(self.nll, self.bytes),
-            "tokens": self.tokens,
-            "bytes": self.bytes,
-        }
+    def n_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].numel()

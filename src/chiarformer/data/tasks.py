@@ -5,7 +5,7 @@ the protocol.
     task = load_task("wikitext2-proxy", seq_len=256)            # options: see task_options()
     task.kind                     # "lm" or "cls"
     task.train, task.val, task.test
-        # lm: 1-D uint16 token arrays (read-only memmaps); batch them with chiarformer.data.lm
+        # lm: 1-D uint16 token arrays (read-only memmaps); windowed by chiarformer.data.lm.LMWindows
         # cls: ClassificationData (.batch(indices) -> input_ids, attention_mask, labels)
     task.tokenizer                # encode/decode, vocab_size, pad_id, eot_id (LM), token_byte_lengths() (LM)
     task.vocab_size, task.pad_id, task.seq_len, task.n_classes (None for lm)

@@ -1,14 +1,9 @@
-"""What the training loop consumes: indexable datasets that build padded tensor batches, the
-task bundle (`TaskData`), and a resumable, shardable sampler.
+"""What the training loop consumes: the task bundle (`TaskData`) of indexable datasets that build
+tensor batches, and a resumable, shardable sampler.
 
-- `LMWindows`: a 1-D token stream cut into windows that start every `stride` tokens. With
-  stride == seq_len, the published protocol: windows of seq_len + 1 tokens, x = t[s : s+C] and
-  y = t[s+1 : s+C+1], (N - 1) // C of them, each scoring its C next-token targets. With
-  stride < seq_len, windows of seq_len tokens; each token is scored exactly once, by the first
-  window whose scoring span contains it, with at least seq_len - stride tokens of context (the
-  usual sliding-window evaluation).
+- Language models: chiarformer.data.LMWindows (data/lm.py), for training and evaluation.
 - Classification datasets are chiarformer.data.ClassificationData seen through
-  train.tasks.ClassificationView (batches padded to their longest sequence, with a mask).
+  train.task_data.ClassificationView (batches padded to their longest sequence, with a mask).
 - `BatchSampler`: a seeded permutation per epoch; the position (epoch, offset) is all the state
   a resume needs. Each global batch is split across processes by rank.
 """
@@ -19,74 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
-
-class LMWindows:
-    kind = "lm"
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, stride: int | None = None):
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 1:
-            raise ValueError("LMWindows expects a 1-D token array")
-        self.tokens = tokens
-        self.seq_len = int(seq_len)
-        self.stride = int(stride or seq_len)
-        n = len(tokens)
-        published = self.stride == self.seq_len
-        # tokens per window row: the model reads the first seq_len, labels cover them all
-        self.span = min(self.seq_len + 1 if published else self.seq_len, n)
-        if n < 2:
-            self.starts = np.zeros(0, dtype=np.int64)
-        elif n <= self.span:
-            self.starts = np.zeros(1, dtype=np.int64)
-        elif published:
-            self.starts = np.arange(0, (n - 1) // self.seq_len * self.seq_len, self.seq_len, dtype=np.int64)
-        else:  # sliding windows cover the tail
-            starts = list(range(0, n - self.seq_len + 1, self.stride))
-            if starts[-1] + self.seq_len < n:
-                starts.append(n - self.seq_len)
-            self.starts = np.asarray(starts, dtype=np.int64)
-        # first scored position (inside the window) of each window
-        ends = self.starts + self.span
-        prev_end = np.concatenate([[0], ends[:-1]]) if len(ends) else ends
-        self.score_from = np.maximum(1, prev_end - self.starts).astype(np.int64)
-
-    @classmethod
-    def for_eval(cls, tokens: np.ndarray, seq_len: int, stride: int) -> LMWindows:
-        """Evaluation windows exactly as chiarformer.data.lm.eval_windows defines them (the protocol)."""
-        from ..data.lm import eval_windows
-
-        windows = eval_windows(len(tokens), seq_len, stride)
-        obj = cls.__new__(cls)
-        obj.tokens = np.asarray(tokens)
-        obj.seq_len = seq_len
-        obj.stride = stride
-        obj.span = windows[0][2] - windows[0][0]
-        obj.starts = np.asarray([b for b, _, _ in windows], dtype=np.int64)
-        obj.score_from = np.asarray([f - b for b, f, _ in windows], dtype=np.int64)
-        return obj
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    @property
-    def n_scored(self) -> int:
-        return int(np.sum(self.span - self.score_from)) if len(self.starts) else 0
-
-    def batch(self, indices) -> dict[str, torch.Tensor]:
-        """input_ids: the first seq_len tokens of each window; labels: all of them (one longer in the
-        published protocol, see model.next_token_pairs), -100 where a token is context only."""
-        rows = np.stack([self.tokens[s : s + self.span] for s in self.starts[indices]]).astype(np.int64)
-        labels = torch.from_numpy(rows)
-        input_ids = labels[:, : self.seq_len].clone()
-        score_from = torch.from_numpy(self.score_from[indices])
-        positions = torch.arange(self.span)[None, :]
-        labels[positions < score_from[:, None]] = -100
-        return {"input_ids": input_ids, "labels": labels}
-
-    def n_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].numel()
+from ..errors import UserError
 
 
 @dataclass
@@ -155,8 +84,6 @@ class BatchSampler:
 
     def load_state(self, state: dict) -> None:
         if state.get("n") not in (None, self.n):
-            from ..errors import UserError
-
             raise UserError(f"the checkpoint's data has {state['n']} training examples but the task now has {self.n}; "
                             "the data or data.* settings changed since the run started")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])

@@ -135,3 +135,20 @@ def op_counts(routing, mask: torch.Tensor | None) -> torch.Tensor:
 def shares(counts: torch.Tensor) -> list[list[float]]:
     totals = counts.sum(-1, keepdim=True).clamp_min(1)
     return [[round(float(x), 6) for x in row] for row in (counts / totals)]
+
+
+# ---------------------------------------------------------------------------- checkpoint selection
+def selection_metric(setting: str, kind: str) -> str:
+    """train.select_metric, with "auto" resolved: loss for language models, accuracy for classifiers."""
+    return setting if setting != "auto" else ("loss" if kind == "lm" else "accuracy")
+
+
+def improves(metrics: dict, best: dict | None, metric: str) -> bool:
+    """Whether validation `metrics` beat the best so far ({"step", "metrics"} or None); accuracy ties
+    go to the lower loss."""
+    if best is None:
+        return True
+    old = best["metrics"]
+    if metric == "loss":
+        return metrics["loss"] < old["loss"]
+    return (metrics["accuracy"], -metrics["loss"]) > (old["accuracy"], -old["loss"])

@@ -26,8 +26,9 @@ from ..errors import UserError
 from . import checkpoint as C
 from .dist import DistInfo
 from .evaluate import eval_protocol, evaluate
-from .loop import autocast_for, build_model, pick_device
+from .loop import build_model
 from .run_config import RunConfig
+from .runtime import autocast_for, pick_device
 from .task_data import finalize_model_config, load_task_data, tokenizer_for
 
 

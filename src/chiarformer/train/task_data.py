@@ -11,9 +11,10 @@ import sys
 
 import numpy as np
 
+from ..data.lm import LMWindows
 from ..data.tasks import load_task, task_options, task_tokenizer
 from ..errors import UserError
-from .datasets import LMWindows, TaskData
+from .datasets import TaskData
 from .run_config import RunConfig
 
 
@@ -60,16 +61,16 @@ def load_task_data(cfg: RunConfig, quiet: bool = False) -> TaskData:
     if task.kind == "lm":
         train_tokens = task.train[: d.max_train_tokens] if d.max_train_tokens else task.train
         stride = d.eval_stride or d.seq_len
-        if len(train_tokens) < d.seq_len:
+        if len(train_tokens) <= d.seq_len:
             raise UserError(f"task {cfg.task}: {len(train_tokens)} training tokens are fewer than one window of "
-                            f"data.seq_len={d.seq_len}")
+                            f"data.seq_len={d.seq_len} inputs and their targets")
         if d.max_train_tokens:
             protocol["train_tokens_used"] = int(len(train_tokens))
         return TaskData(
             kind="lm",
             train=LMWindows(train_tokens, d.seq_len),
-            val=LMWindows.for_eval(task.val, d.seq_len, stride),
-            test=LMWindows.for_eval(task.test, d.seq_len, stride),
+            val=LMWindows(task.val, d.seq_len, stride),
+            test=LMWindows(task.test, d.seq_len, stride),
             vocab_size=task.vocab_size,
             protocol=protocol,
             token_bytes=task.tokenizer.token_byte_lengths(),
