@@ -9,8 +9,8 @@ import torch
 from test_model import assert_causal, build, same_weights
 
 from chiarformer import ChiarConfig, ChiarForCausalLM
-from chiarformer.config import ATTN, DCT, RBF
 from chiarformer.model import KVCache
+from chiarformer.operators import ATTN, DCT, RBF
 from chiarformer.routing import capacity_limit
 
 LAYOUTS = ["dct_attn", "three_op", "D,DA,DRA,A"]

@@ -8,9 +8,9 @@ import torch
 
 from chiarformer import ChiarConfig, ChiarForCausalLM
 from chiarformer.cli import main
-from chiarformer.config import RBF
 from chiarformer.errors import UserError
 from chiarformer.model import KVCache
+from chiarformer.operators import RBF, Op
 from chiarformer.sampling import next_tokens
 from chiarformer.train.runs import load_run
 
@@ -182,7 +182,7 @@ def test_generate_command_samples_reproducibly_and_shows_routing(run, tmp_path, 
     rows = lines[2 : 2 + len(generated)]
     with torch.no_grad():
         ops = loaded.model(greedy, return_routing=True).routing[1].ops[0, 7:].tolist()
-    assert [row.split()[-1] for row in rows] == ["DAR"[op] for op in ops]
+    assert [row.split()[-1] for row in rows] == [Op(op).letter for op in ops]
     assert lines[2 + len(generated)].startswith("generated tokens to attention: L2 ")
 
 

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from chiarformer import ChiarConfig, ChiarForCausalLM, ChiarForSequenceClassification
-from chiarformer.config import ATTN, DCT, RBF
 from chiarformer.errors import UserError
 from chiarformer.layers import rope
+from chiarformer.operators import ATTN, DCT, RBF
 
 LAYOUTS = ["baseline", "dct_attn", "three_op", "dct_only", "D,DA,DRA,A", "DA,RA,A"]
 CAUSAL_ROUTINGS = ["threshold", "soft", "hard"]
@@ -412,7 +412,9 @@ def test_loss_is_shifted_next_token_cross_entropy():
     torch.testing.assert_close(out.loss, manual, rtol=1e-6, atol=0)
     assert out.logits.shape == (2, 20, cfg.vocab_size)
     grads = torch.autograd.grad(out.loss, model.model.embed.weight, retain_graph=True)[0]
-    torch.testing.assert_close(grads, torch.autograd.grad(manual, model.model.embed.weight)[0], rtol=1e-5, atol=1e-8)
+    # Two summation orders: agreement to float32 rounding of the largest gradient (~0.2), not 1e-8
+    # absolute, which an element's last bits can miss depending on memory alignment.
+    torch.testing.assert_close(grads, torch.autograd.grad(manual, model.model.embed.weight)[0], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("layout,routing", [("three_op", "threshold"), ("dct_attn", "topk")])

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, REFERENCE_OPTIONS, ChiarConfig, layer_letters, parse_layout
+from .config import PRESETS, REFERENCE_OPTIONS, ChiarConfig, parse_layout
 from .errors import UserError
 from .layers import rope_inv_freq
+from .operators import layer_letters
 
 # tau of the published 400M run: the midpoint of its config.py's tau_low / tau_high.
 TAU_400M = (0.8935 + 0.8973) / 2

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ATTN, DCT, RBF, ChiarConfig
+from ..config import ChiarConfig
 from ..errors import UserError
+from ..operators import ATTN, DCT, RBF
 
-OP_LABELS = {DCT: "DCT", ATTN: "ATTN", RBF: "RBF"}
 OP_COLORS = {DCT: "#4C72B0", ATTN: "#DD8452", RBF: "#55A868"}  # blue, orange, green
 
 

@@ -26,11 +26,12 @@ from torch import nn
 
 from .. import ChiarConfig, ChiarForCausalLM, ChiarForSequenceClassification
 from ..errors import UserError
+from ..operators import ATTN, N_OPS
 from . import checkpoint as C
 from . import dist as D
 from .config import RunConfig
 from .datasets import BatchSampler, TaskData, shard
-from .evaluate import N_OPS, eval_protocol, evaluate, op_counts, shares
+from .evaluate import eval_protocol, evaluate, op_counts, shares
 
 # A test hook: seconds to sleep after every optimizer step (lets a test kill a run mid-training).
 STEP_DELAY_ENV = "CHIAR_DEBUG_STEP_DELAY"
@@ -498,7 +499,7 @@ class Trainer:
             else:
                 post["acc"] = f"{rec['accuracy']:.3f}"
             if self.routed:
-                post["attn"] = "/".join(f"{op_share[i][1]:.2f}" for i in self.routed)
+                post["attn"] = "/".join(f"{op_share[i][ATTN]:.2f}" for i in self.routed)
             self.bar.set_postfix(post, refresh=False)
 
     def _show_eval(self, record: dict) -> None:
@@ -507,7 +508,7 @@ class Trainer:
         else:
             text = f"step {record['step']}: val loss {record['loss']:.4f} accuracy {record['accuracy']:.4f}"
         if self.routed:
-            text += " attn " + "/".join(f"{record['op_share'][i][1]:.2f}" for i in self.routed)
+            text += " attn " + "/".join(f"{record['op_share'][i][ATTN]:.2f}" for i in self.routed)
         self.say(text)
 
     # ------------------------------------------------------------------ end of training
