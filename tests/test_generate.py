@@ -123,7 +123,10 @@ def test_eos_stops_each_sequence_and_pads_it():
             assert all(t == 60 for t in gen[stop + 1 :])
         else:
             assert gen == free[row, 3 : 3 + len(gen)].tolist() and out.shape[1] == free.shape[1]
-    assert eos in out[0, 3:6].tolist()
+    # Row 0 really stopped at its EOS and was padded afterwards (pad 60 is not its next token).
+    stop0 = free[0, 3:].tolist().index(eos)
+    assert out.shape[1] > 4 + stop0 and (out[0, 4 + stop0 :] == 60).all()
+    assert free[0, 4 + stop0 :].ne(60).any()
     # Every sequence finished: decoding stopped before max_new_tokens.
     greedy = model.generate(prompt[:1], max_new_tokens=15, temperature=0)[0, 3:].tolist()
     stop = greedy.index(greedy[4])

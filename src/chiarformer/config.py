@@ -236,7 +236,7 @@ def parse_layout(layout: str, n_layers: int) -> list[tuple[int, ...]]:
     for part in letters:
         if not part or set(part) - set(LETTERS) or len(set(part)) != len(part):
             raise UserError(f"layer spec {part!r} in layout {layout!r} must use distinct letters from D, R, A")
-        result.append(tuple(sorted(Op.from_letter(c) for c in part)))
+        result.append(tuple(sorted(int(Op.from_letter(c)) for c in part)))
     return result
 
 

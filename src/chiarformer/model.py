@@ -71,7 +71,7 @@ class ChiarLayer(nn.Module):
         self.rbf_ref = ReferenceRBF(cfg, inner_dropout) if published_rbf else None
         self.router = Router(cfg, self.ops, cfg.layer_taus(index)) if len(self.ops) > 1 else None
         if cfg.norm == "per_operator":  # published: LN_op(x + op(x)) inside each operator
-            self.op_norms = nn.ModuleDict({op.key: nn.LayerNorm(cfg.d_model) for op in self.ops})
+            self.op_norms = nn.ModuleDict({Op(op).key: nn.LayerNorm(cfg.d_model) for op in self.ops})
         else:
             self.op_norms = None
             self.norm_mix = nn.LayerNorm(cfg.d_model)
@@ -139,9 +139,9 @@ class ChiarLayer(nn.Module):
     def normalise_selected(self, h, mixed, ops):
         """Each token's sub-layer normalised by its own operator's LayerNorm (sparse execution)."""
         z = h + self.dropout(mixed)
-        out = self.op_norms[self.ops[0].key](z)
+        out = self.op_norms[Op(self.ops[0]).key](z)
         for op in self.ops[1:]:
-            out = torch.where((ops == op)[..., None], self.op_norms[op.key](z), out)
+            out = torch.where((ops == op)[..., None], self.op_norms[Op(op).key](z), out)
         return out
 
     # ------------------------------------------------------------------ execution

@@ -41,12 +41,13 @@ _BY_LETTER = {letter: op for op, letter in _LETTERS.items()}
 LETTERS = "".join(_LETTERS.values())
 N_OPS = len(Op)
 
+# The ids as plain ints, for the model and its tensors (layer_ops, RoutingInfo.ops):
+# torch.compile(fullgraph=True) cannot compare a tensor with an enum member.
+DCT, ATTN, RBF = (int(op) for op in Op)
 # Low spectral entropy (smooth vectors) to high: the order routers assign operators in.
-ENTROPY_ORDER = (Op.DCT, Op.RBF, Op.ATTN)
-# The members under short names, for call sites that compare operator ids.
-DCT, ATTN, RBF = Op.DCT, Op.ATTN, Op.RBF
+ENTROPY_ORDER = (DCT, RBF, ATTN)
 
 
 def layer_letters(ops) -> str:
     """The layout letters of one layer's operators in entropy order, e.g. (0, 1, 2) -> "DRA"."""
-    return "".join(op.letter for op in ENTROPY_ORDER if op in ops)
+    return "".join(Op(op).letter for op in ENTROPY_ORDER if op in ops)
