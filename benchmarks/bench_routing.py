@@ -23,8 +23,8 @@ import torch
 from chiarformer import ChiarConfig, ChiarForCausalLM
 from chiarformer.config import ATTN
 from chiarformer.flops import MIXING, count_flops, entropy_macs, training_macs
-from chiarformer.gather import merge_rows
 from chiarformer.ops import resolve_impl
+from chiarformer.sparse import merge_rows
 
 
 def timed(fn, device: str) -> float:

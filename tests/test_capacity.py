@@ -9,8 +9,8 @@ import torch
 from test_model import assert_causal, build, same_weights
 
 from chiarformer import ChiarConfig, ChiarForCausalLM
-from chiarformer.config import ATTN, DCT, RBF
 from chiarformer.model import KVCache
+from chiarformer.operators import ATTN, DCT, RBF
 from chiarformer.routing import capacity_limit
 
 LAYOUTS = ["dct_attn", "three_op", "D,DA,DRA,A"]
@@ -171,5 +171,6 @@ def test_calibration_sets_capacity_routing_taus():
     model = build(ChiarForCausalLM, cfg, 2)
     batches = [Batch(torch.randint(0, cfg.vocab_size, (4, 64)), None) for _ in range(2)]
     calibration = calibrate_hidden(model, batches, target_attn=0.25)
+    assert [layer.layer for layer in calibration.layers] == cfg.routed_layers  # the loop below is not empty
     for layer in calibration.layers:
         assert 0.15 <= layer.achieved["attn"] <= 0.3125 + 1e-6  # never above the capacity bound

@@ -8,9 +8,9 @@ import torch
 
 from chiarformer import ChiarConfig, ChiarForCausalLM
 from chiarformer.cli import main
-from chiarformer.config import RBF
 from chiarformer.errors import UserError
 from chiarformer.model import KVCache
+from chiarformer.operators import RBF, Op
 from chiarformer.sampling import next_tokens
 from chiarformer.train.runs import load_run
 
@@ -123,7 +123,10 @@ def test_eos_stops_each_sequence_and_pads_it():
             assert all(t == 60 for t in gen[stop + 1 :])
         else:
             assert gen == free[row, 3 : 3 + len(gen)].tolist() and out.shape[1] == free.shape[1]
-    assert eos in out[0, 3:6].tolist()
+    # Row 0 really stopped at its EOS and was padded afterwards (pad 60 is not its next token).
+    stop0 = free[0, 3:].tolist().index(eos)
+    assert out.shape[1] > 4 + stop0 and (out[0, 4 + stop0 :] == 60).all()
+    assert free[0, 4 + stop0 :].ne(60).any()
     # Every sequence finished: decoding stopped before max_new_tokens.
     greedy = model.generate(prompt[:1], max_new_tokens=15, temperature=0)[0, 3:].tolist()
     stop = greedy.index(greedy[4])
@@ -182,7 +185,7 @@ def test_generate_command_samples_reproducibly_and_shows_routing(run, tmp_path, 
     rows = lines[2 : 2 + len(generated)]
     with torch.no_grad():
         ops = loaded.model(greedy, return_routing=True).routing[1].ops[0, 7:].tolist()
-    assert [row.split()[-1] for row in rows] == ["DAR"[op] for op in ops]
+    assert [row.split()[-1] for row in rows] == [Op(op).letter for op in ops]
     assert lines[2 + len(generated)].startswith("generated tokens to attention: L2 ")
 
 

@@ -12,17 +12,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import UserError
-
-# Operator ids, as reported in RoutingInfo.ops.
-DCT, ATTN, RBF = 0, 1, 2
-OP_LETTERS = {"D": DCT, "A": ATTN, "R": RBF}
-OP_NAMES = {DCT: "dct", ATTN: "attention", RBF: "rbf"}
-
-
-def layer_letters(ops: tuple[int, ...]) -> str:
-    """The layout letters of one layer's operators, e.g. (0, 1) -> "DA"."""
-    return "".join("DAR"[op] for op in ops)
-
+from .operators import LETTERS, RBF, Op
 
 LAYOUTS = ("baseline", "dct_attn", "three_op", "dct_only")
 ROUTINGS = ("threshold", "soft", "hard", "topk", "capacity")
@@ -105,7 +95,7 @@ class ChiarConfig:
     # after the GELU inside the FFN and after the FFN, none on DCT/attention outputs, and in the
     # classifier head. Both also drop embeddings and attention weights.
     dropout_placement: str = "sublayers"
-    dct_impl: str = "auto"  # auto (fastest measured on the device) | matmul (d^2) | fft (d log d)
+    dct_impl: str = "auto"  # auto (= matmul, a fixed choice, not measured) | matmul (d^2) | fft (d log d)
     allow_noncausal: bool = False  # let a causal LM use options that leak the future (labelled)
     rope_base: float = 10000.0  # RoPE frequency base
     bidirectional: bool = False  # classification only: attention sees the whole sequence
@@ -236,7 +226,7 @@ def parse_layout(layout: str, n_layers: int) -> list[tuple[int, ...]]:
             raise UserError(f"layout {layout!r} needs at least 3 layers (DCT first, routed middle, attention last)")
         middle = "DA" if layout == "dct_attn" else "DRA"
         letters = ["D"] + [middle] * (n_layers - 2) + ["A"]
-    elif "," in layout or set(layout) <= set("DRA"):
+    elif "," in layout or set(layout) <= set(LETTERS):
         letters = [part.strip().upper() for part in layout.split(",")]
         if len(letters) != n_layers:
             raise UserError(f"layout {layout!r} names {len(letters)} layer(s) but n_layers={n_layers}")
@@ -244,9 +234,9 @@ def parse_layout(layout: str, n_layers: int) -> list[tuple[int, ...]]:
         raise UserError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)} or a string like 'D,DA,A'")
     result = []
     for part in letters:
-        if not part or set(part) - set(OP_LETTERS) or len(set(part)) != len(part):
+        if not part or set(part) - set(LETTERS) or len(set(part)) != len(part):
             raise UserError(f"layer spec {part!r} in layout {layout!r} must use distinct letters from D, R, A")
-        result.append(tuple(sorted(OP_LETTERS[c] for c in part)))
+        result.append(tuple(sorted(int(Op.from_letter(c)) for c in part)))
     return result
 
 

@@ -38,8 +38,9 @@ Conventions for the attention scores (`scores=`):
   kernel  the shapes this code hands to its kernels, which is what
           torch.utils.flop_counter.FlopCounterMode counts: the fused causal kernel of an
           attention-only layer gets the full T x T problem, and routed queries are cut into
-          layers.QUERY_BLOCKS blocks, each reading the keys up to its last query (5/8 of T on
-          average with 4 blocks); RBF chunks count their full square.
+          blocks (sparse.query_block_ranges), each reading the keys up to its last query (5/8
+          of T on average with 4 blocks), at the sizes sparse.round_up gives the kernels; RBF
+          chunks count their full square.
   full    every query against all T keys (the convention behind SPEC §3.8's figures).
 DCT cost (`dct_cost=`): "matmul" (default, what ops.dct executes: d^2 per transform) or
 "fft" (a nominal d log2 d per transform, the O(d log d) the paper assumes).
@@ -55,10 +56,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .config import ATTN, DCT, OP_NAMES, RBF, ChiarConfig, layer_letters
+from .config import ChiarConfig
 from .errors import UserError
-from .layers import QUERY_BLOCKS, RBF_CHUNK
+from .layers import RBF_CHUNK
+from .operators import ATTN, DCT, RBF, Op, layer_letters
 from .routing import capacity_slots, static_slot_rate
+from .sparse import key_length, query_block_ranges, round_up, runs_dense
 
 COMPONENTS = ("head", "qkv", "scores", "out_proj", "ffn", "dct", "rbf", "router", "meta_router")
 # Components of the token-mixing ("attention") sub-layer: everything but FFN and head.
@@ -156,7 +159,7 @@ class FlopsCount:
                 {
                     "layer": layer.index + 1,
                     "ops": layer_letters(layer.ops),
-                    "shares": {OP_NAMES[op]: share for op, share in layer.shares.items()},
+                    "shares": {Op(op).key: share for op, share in layer.shares.items()},
                     "components": dict(layer.macs),
                     "attention_sublayer": layer.mixing,
                     "total": layer.total,
@@ -195,7 +198,7 @@ def layer_shares(ops: tuple[int, ...], attn_fraction: float, rbf_fraction: float
         raise UserError(f"operator shares {shares} of a layer without DCT must sum to 1")
     for op, share in shares.items():
         if not -1e-9 <= share <= 1.0 + 1e-9:
-            raise UserError(f"share of operator {OP_NAMES[op]} is {share:.3f}; it must lie in [0, 1]")
+            raise UserError(f"share of operator {Op(op).key} is {share:.3f}; it must lie in [0, 1]")
         shares[op] = min(max(share, 0.0), 1.0)
     return {op: shares[op] for op in ops}
 
@@ -277,7 +280,7 @@ def entropy_macs(d: int, dct_cost: str) -> float:
 
 def _layer_macs(cfg, ops, shares, t: int, scores: str, dct_cost: str, routed: bool, batch_size=None) -> dict[str, float]:
     d, d_ff = cfg.d_model, cfg.d_ff
-    dense = cfg.execution == "dense" or (routed and cfg.routing == "soft")
+    dense = runs_dense(cfg, ops)  # the layer's own decision (model.ChiarLayer.dense)
     p_dct, p_attn, p_rbf = shares.get(DCT, 0.0), shares.get(ATTN, 0.0), shares.get(RBF, 0.0)
     macs = {name: 0.0 for name in ("qkv", "scores", "out_proj", "ffn", "dct", "rbf", "router")}
     macs["ffn"] = 2.0 * d * d_ff
@@ -306,10 +309,12 @@ def _layer_macs(cfg, ops, shares, t: int, scores: str, dct_cost: str, routed: bo
         # building C^T diag(w) C: d^3 once per call, even when no token takes the DCT
         macs["dct"] += float(d) ** 3 / (batch_size * t)
 
-    if ATTN in ops or RBF in ops:
+    # The published RBF brings its own projections (counted in "rbf"), not the TokenMixer's.
+    mixer_rbf = RBF in ops and cfg.rbf != "reference_quadratic"
+    if ATTN in ops or mixer_rbf:
         if dense:
             q_share = 1.0  # one query projection shared by both kernels
-            out_share = (ATTN in ops) + (RBF in ops)  # each kernel's output is projected
+            out_share = (ATTN in ops) + mixer_rbf  # each kernel's output is projected
         else:
             q_share = out_share = run_attn + run_rbf
         macs["qkv"] = 2.0 * d * d + q_share * d * d
@@ -333,29 +338,18 @@ def _keys_per_query(t: int, share: float, scores: str, bidirectional: bool = Fal
         return float(t)
     if scores == "causal":
         return (t + 1) / 2.0
-    # kernel: the fused causal call sees T x T; gathered queries go in blocks (layers.TokenMixer.attend)
+    # kernel: the fused causal call sees T x T; gathered queries, padded to a rounded count,
+    # go in blocks, each reading the keys up to its last query (sparse.causal_attention)
     n = max(1, round(share * t))
     if n >= t:
         return float(t)
-    blocks = QUERY_BLOCKS if n >= 4 * QUERY_BLOCKS else 1
     total = 0.0
-    for lo, hi in _tensor_split(n, blocks):
-        # with queries spread evenly, the last of the first hi queries sits at about hi * T / n
-        last_key = min(t, math.ceil(hi * t / n))
-        total += (hi - lo) * last_key
+    for lo, hi in query_block_ranges(round_up(n, t)):
+        real = min(hi, n)  # padding queries come last, masked as if at position 0
+        # with queries spread evenly, the last of the first `real` queries sits at about real * T / n
+        last_position = min(t, math.ceil(real * t / n)) - 1 if real > lo else 0
+        total += (hi - lo) * key_length(last_position, t)
     return total / n
-
-
-def _tensor_split(n: int, parts: int) -> list[tuple[int, int]]:
-    """Index ranges of torch.tensor_split(range(n), parts)."""
-    base, extra = divmod(n, parts)
-    out, lo = [], 0
-    for i in range(parts):
-        hi = lo + base + (1 if i < extra else 0)
-        if hi > lo:
-            out.append((lo, hi))
-        lo = hi
-    return out
 
 
 def _rbf_per_token(cfg: ChiarConfig, t: int, scores: str) -> float:

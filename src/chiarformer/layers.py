@@ -16,24 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gather import prefixes
 from .ops import dct, dct_matrix, idct, resolve_impl
+from .sparse import causal_attention
 
-# Queries are processed in blocks along the sequence so each block only reads the keys up to
-# its last position: a causal mask over gathered queries would otherwise pay for all T keys.
-QUERY_BLOCKS = 4
-# Data-dependent sizes (routed query counts, key ranges) are rounded up to one of this many
-# steps of the sequence length, so kernels that plan per shape (cuDNN attention,
-# torch.compile) see few distinct shapes, at a cost of at most 1/SHAPE_STEPS extra work.
-SHAPE_STEPS = 16
 # Chunk length of the causal linear-time RBF kernel attention.
 RBF_CHUNK = 64
-
-
-def round_up(n: int, limit: int) -> int:
-    """n rounded up to a multiple of max(8, limit / SHAPE_STEPS), at most limit."""
-    step = max(8, limit // SHAPE_STEPS)
-    return min(-(-n // step) * step, limit)
 
 
 class DCTMixer(nn.Module):
@@ -187,8 +174,8 @@ class TokenMixer(nn.Module):
         """Softmax attention of queries at positions q_pos (B, N) over keys 0..Tk-1.
 
         Causal: query at position p sees keys 0..p. key_mask (B, Tk) marks real (non-pad) keys.
-        Gathered queries ascend along each row, so blocks of them need only a prefix of the keys;
-        static=True reads all keys in one call instead (no host sync, shapes fixed by the inputs').
+        Queries that are not every position once (gathered, padded or cached) go to
+        sparse.causal_attention, whose invariant (positions ascend along each row) they keep.
         """
         dropout = self.dropout if self.training else 0.0
         n_q, n_k = q.shape[2], k.shape[2]
@@ -198,29 +185,7 @@ class TokenMixer(nn.Module):
         if not causal:
             mask = None if key_mask is None else key_mask[:, None, None, :]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        q_pos = q_pos.expand(q.shape[0], n_q) if q_pos.dim() == 1 else q_pos
-        key_pos = torch.arange(n_k, device=q.device)
-        if static:
-            mask = key_pos <= q_pos[..., None]
-            if key_mask is not None:
-                mask = mask & key_mask[:, None, :]
-                # A query that sees no real key is a pad whose output is discarded: let it see all
-                # keys, rather than give NaNs that would reach real gradients through the backward.
-                mask = mask | ~mask.any(-1, keepdim=True)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout)
-        blocks = QUERY_BLOCKS if n_q >= 4 * QUERY_BLOCKS else 1
-        q_blocks, pos_blocks = q.tensor_split(blocks, dim=2), q_pos.tensor_split(blocks, dim=1)
-        # One host sync for all blocks: the last key any query of each block may see.
-        last_keys = torch.stack([p.amax() for p in pos_blocks]).tolist()
-        key_lengths = [round_up(last + 1, n_k) for last in last_keys]
-        outputs = []
-        for q_b, pos_b, n_keys, k_b, v_b in zip(q_blocks, pos_blocks, key_lengths, prefixes(k, key_lengths),
-                                                prefixes(v, key_lengths), strict=True):
-            mask = key_pos[:n_keys] <= pos_b[..., None]  # (B, n, n_keys)
-            if key_mask is not None:
-                mask = mask & key_mask[:, None, :n_keys]
-            outputs.append(F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=mask[:, None], dropout_p=dropout))
-        return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+        return causal_attention(q, k, v, q_pos, key_mask, dropout, static)
 
     def rbf_features(self, x: torch.Tensor) -> torch.Tensor:
         proj = x @ self.rbf_freqs.to(x.dtype)

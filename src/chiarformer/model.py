@@ -16,23 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ATTN, DCT, OP_NAMES, RBF, ChiarConfig
+from .config import ChiarConfig
 from .errors import UserError
-from .gather import merge_rows
-from .layers import DCTMixer, FeedForward, ReferenceRBF, TokenMixer, round_up
+from .layers import DCTMixer, FeedForward, ReferenceRBF, TokenMixer
 from .loss import cross_entropy
+from .operators import ATTN, DCT, RBF, Op
 from .ops import reference_spectral_entropy, spectral_entropy
 from .routing import (
     Decision,
     MetaRouter,
     Router,
     RoutingInfo,
-    capacity_slots,
     collapse_penalty,
     reference_collapse_penalty,
     static_slot_rate,
 )
 from .sampling import check_sampling, next_tokens
+from .sparse import mix_sparse, mix_static, runs_dense
 
 
 @dataclass
@@ -60,11 +60,7 @@ class ChiarLayer(nn.Module):
         self.post_norm = cfg.norm != "pre"
         self.causal = not cfg.bidirectional
         published_rbf = RBF in self.ops and cfg.rbf == "reference_quadratic"
-        # Soft routing (and the published all-probability straight-through) blends every
-        # operator's output, so it computes them all; so does the published RBF, which is
-        # quadratic over all positions anyway; a layer with one operator has nothing to route.
-        self.dense = (cfg.execution == "dense" or cfg.routing == "soft" or len(self.ops) == 1 or published_rbf
-                      or (cfg.routing == "hard" and cfg.straight_through == "all"))
+        self.dense = runs_dense(cfg, self.ops)
         scale = 2.0 if cfg.dct_scale == "reference" else 1.0
         self.dct = DCTMixer(cfg.d_model, scale, cfg.dct_impl) if DCT in self.ops else None
         self.entropy_of = reference_spectral_entropy if cfg.entropy == "reference" else partial(spectral_entropy,
@@ -75,7 +71,7 @@ class ChiarLayer(nn.Module):
         self.rbf_ref = ReferenceRBF(cfg, inner_dropout) if published_rbf else None
         self.router = Router(cfg, self.ops, cfg.layer_taus(index)) if len(self.ops) > 1 else None
         if cfg.norm == "per_operator":  # published: LN_op(x + op(x)) inside each operator
-            self.op_norms = nn.ModuleDict({OP_NAMES[op]: nn.LayerNorm(cfg.d_model) for op in self.ops})
+            self.op_norms = nn.ModuleDict({Op(op).key: nn.LayerNorm(cfg.d_model) for op in self.ops})
         else:
             self.op_norms = None
             self.norm_mix = nn.LayerNorm(cfg.d_model)
@@ -127,9 +123,9 @@ class ChiarLayer(nn.Module):
         elif h.shape[1] == 1:  # decoding: one token per sequence, no gather to save work on
             mixed = self.mix_dense(h, decision, k, v, pos, key_mask, self.chosen_ops(decision))
         elif self.slot_rate is not None:
-            mixed = self.mix_static(h, decision, k, v, pos, key_mask, cache.length if cache is not None else 0)
+            mixed = mix_static(self, h, decision, k, v, pos, key_mask, cache.length if cache is not None else 0)
         else:
-            mixed = self.mix_sparse(h, decision, k, v, pos, key_mask)
+            mixed = mix_sparse(self, h, decision, k, v, pos, key_mask)
         if self.op_norms is not None and not self.blends(decision):  # blends normalise inside mix_dense
             mixed = self.normalise_selected(h, mixed, decision.ops)
         if decision.weight is not None:
@@ -138,14 +134,14 @@ class ChiarLayer(nn.Module):
 
     def normalise_operator(self, op: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The published per-operator sub-layer: LN_op(h + op(h))."""
-        return self.op_norms[OP_NAMES[op]](h + self.dropout(y))
+        return self.op_norms[Op(op).key](h + self.dropout(y))
 
     def normalise_selected(self, h, mixed, ops):
         """Each token's sub-layer normalised by its own operator's LayerNorm (sparse execution)."""
         z = h + self.dropout(mixed)
-        out = self.op_norms[OP_NAMES[self.ops[0]]](z)
+        out = self.op_norms[Op(self.ops[0]).key](z)
         for op in self.ops[1:]:
-            out = torch.where((ops == op)[..., None], self.op_norms[OP_NAMES[op]](z), out)
+            out = torch.where((ops == op)[..., None], self.op_norms[Op(op).key](z), out)
         return out
 
     # ------------------------------------------------------------------ execution
@@ -185,86 +181,6 @@ class ChiarLayer(nn.Module):
         """The operators some token chose (one host sync over B values); blended routing runs dense."""
         chosen = set(decision.ops.flatten().tolist())
         return tuple(op for op in self.ops if op in chosen)
-
-    def mix_static(self, h, decision, k, v, pos, key_mask, offset: int):
-        """Static shapes: the cheap operators (DCT, linear-time RBF) on every token, attention on
-        a fixed number of query slots per sequence (the most the routing can send), written over them.
-
-        Per sequence, the slots hold the attention tokens in position order, padded with other
-        tokens whose attention output is discarded. No host sync and no data-dependent shape, so
-        torch.compile(fullgraph=True) and CUDA graphs can take the whole step.
-        """
-        b, t, d = h.shape
-        selected = decision.ops == ATTN
-        cheap = tuple(op for op in self.ops if op != ATTN)
-        base = self.mix_dense(h, decision, k, v, pos, key_mask, cheap)
-        n = capacity_slots(self.slot_rate, offset, t)
-        if n == 0:
-            return base
-        idx = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, n)
-        valid = selected.gather(1, idx)
-        rows = idx[..., None].expand(b, n, d)
-        q_pos = pos[idx]
-        q = self.mixer.queries(h.gather(1, rows), q_pos)
-        y = self.mixer.project_out(self.mixer.attend(q, k, v, q_pos, key_mask, self.causal, static=True))
-        # Padding slots keep their token's cheap output, so the scatter rewrites it unchanged.
-        y = torch.where(valid[..., None], y.to(base.dtype), base.gather(1, rows))
-        return base.scatter(1, rows, y)
-
-    def mix_sparse(self, h, decision, k, v, pos, key_mask):
-        """Each operator computes only its own tokens: gather, compute, scatter.
-
-        Every token is computed by exactly one operator, so the operators' row sets are disjoint
-        and cover the batch: one copy per operator puts the outputs back in place.
-        """
-        b, t, d = h.shape
-        flat_h = h.reshape(b * t, d)
-        flat_ops = decision.ops.reshape(-1)
-        rows, outputs = [], []
-        for op in self.ops:
-            if op == DCT:
-                mine = (flat_ops == DCT).nonzero().squeeze(1)
-                rows.append(mine)
-                outputs.append(self.dct(flat_h.index_select(0, mine)))
-            elif op == ATTN:
-                mine, y = self.sparse_attention(h, decision.ops == ATTN, k, v, pos, key_mask)
-                rows.append(mine)
-                outputs.append(y)
-            else:  # RBF is linear in T: it runs over the layer's positions, keeps its own tokens
-                mine = (flat_ops == RBF).nonzero().squeeze(1)
-                y = self.mixer.project_out(self.mixer.rbf(self.mixer.queries(h, pos), k, v, key_mask, self.causal))
-                rows.append(mine)
-                outputs.append(y.reshape(b * t, d).index_select(0, mine))
-        return merge_rows(b * t, rows, outputs).view(b, t, d)
-
-    def sparse_attention(self, h, selected, k, v, pos, key_mask):
-        """Queries (and the output projection) for the selected tokens only; keys of all tokens.
-
-        Returns the flat row indices of the selected tokens and their outputs.
-        """
-        b, t, d = h.shape
-        counts = selected.sum(1)
-        n, fewest = torch.stack([counts.max(), counts.min()]).tolist()  # one host sync
-        if n == 0:
-            return selected.new_zeros(0, dtype=torch.long), h.new_zeros(0, d)
-        if fewest == t:  # every token attends: no gather needed
-            y = self.mixer.project_out(self.mixer.attend(self.mixer.queries(h, pos), k, v, pos, key_mask, self.causal))
-            return torch.arange(b * t, device=h.device), y.reshape(b * t, d)
-        # Per row, the selected positions first (in order), padded with unselected ones (whose
-        # outputs are dropped) up to a rounded count, so shapes repeat across batches.
-        n = round_up(n, t)
-        idx = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :n]
-        valid = torch.arange(n, device=h.device) < counts[:, None]
-        hq = h.gather(1, idx[..., None].expand(b, n, d))
-        q = self.mixer.queries(hq, pos[idx])
-        # Padding queries are masked as if at position 0 (key 0 only): whatever their real
-        # positions, they must not widen the key range that real queries' blocks read.
-        y = self.mixer.attend(q, k, v, torch.where(valid, pos[idx], 0), key_mask, self.causal)
-        y = self.mixer.project_out(y)
-        rows = torch.arange(b, device=h.device)[:, None] * t + idx
-        if fewest == n:  # equal counts, no padding (top-k): skip the boolean-mask copies
-            return rows.reshape(-1), y.reshape(-1, d)
-        return rows[valid], y[valid]
 
 
 class ChiarModel(nn.Module):

@@ -2,9 +2,10 @@
 
 Two implementations with identical results: "matmul", a product with a cached d x d matrix
 (d^2 multiply-adds per vector), and "fft", one length-d complex FFT of the even/odd-reordered
-vector (O(d log d)). "auto" picks by measured speed (benchmarks/bench_dct.py, docs/benchmarks.md):
-the matrix product wins at every d we use, on CPU (about 3x at d=256, 2 cores) and on an
-H200 (about 1.3x at d=64..1024), so "auto" is "matmul"; "fft" is kept for the MAC count.
+vector (O(d log d)). "auto" is a constant: always "matmul", nothing is measured at run time.
+That choice was made once from benchmarks (benchmarks/bench_dct.py, docs/benchmarks.md): the
+matrix product wins at every d we use, on CPU (about 3x at d=256, 2 cores) and on an H200
+(about 1.3x at d=64..1024); "fft" is kept for the MAC count.
 `dct` matches scipy.fft.dct(x, type=2, norm="ortho"); `idct` is its exact inverse.
 """
 

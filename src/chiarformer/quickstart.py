@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import layer_letters
 from .errors import UserError
+from .operators import ATTN, layer_letters
 
 # Sized to finish both models in about 2 minutes on 2 CPU cores (see docs/training.md).
 DEFAULT_STEPS = 1000
@@ -154,7 +154,7 @@ def format_table(rows: dict, data, steps: int, n_train: int, n_eval: int, total_
             rate = median_tokens_per_s(row["run_dir"])
             return f"{rate:,.0f}" if rate else "-"
         if key == "attn":
-            return " ".join(f"{layer[1]:.2f}" for layer in r["test"]["op_share"])
+            return " ".join(f"{layer[ATTN]:.2f}" for layer in r["test"]["op_share"])
         if key == "flops":
             return f"{counts[name].forward_per_token / 1e6:.3f}M"
         if key == "wall":
@@ -232,7 +232,7 @@ def _routed_shares(results: dict, cfg) -> list[float] | None:
     if not routed:
         return None
     share = results["test"]["op_share"]
-    return [share[i][1] for i in routed]
+    return [share[i][ATTN] for i in routed]
 
 
 def _test_stats(data) -> tuple[int, float]:

@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write_json
-from .config import PRESETS, REFERENCE_OPTIONS, ChiarConfig, layer_letters, parse_layout
+from .config import PRESETS, REFERENCE_OPTIONS, ChiarConfig, parse_layout
 from .data.tasks import task_spec
 from .errors import UserError
 from .layers import rope_inv_freq
+from .operators import layer_letters
 from .train import checkpoint as C
 from .train.loop import build_model
 from .train.run_config import resolve

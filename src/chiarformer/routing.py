@@ -12,9 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import ATTN, DCT, RBF
-
-ENTROPY_ORDER = (DCT, RBF, ATTN)
+from .operators import ATTN, DCT, ENTROPY_ORDER
 
 
 @dataclass

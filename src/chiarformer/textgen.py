@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ATTN, layer_letters
 from .errors import UserError
+from .operators import ATTN, Op, layer_letters
 
 
 def sample_run(run, prompt: str, *, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
@@ -61,7 +61,7 @@ def routing_table(run, prompt_ids: list[int], generated: list[int]) -> str:
     lines = [f"{'#':>4}  {'token':<18}  " + "  ".join(cells)]
     ops = [[int(routing[i].ops[0, start + j]) for i in routed] for j in range(len(generated))]
     for j, (token, row) in enumerate(zip(generated, ops, strict=True)):
-        letters = "  ".join(f"{'DAR'[op]:<{len(cell)}}" for op, cell in zip(row, cells, strict=True))
+        letters = "  ".join(f"{Op(op).letter:<{len(cell)}}" for op, cell in zip(row, cells, strict=True))
         lines.append(f"{j + 1:>4}  {tok.decode([token])!r:<18}  {letters}")
     shares = [sum(row[k] == ATTN for row in ops) / len(ops) for k in range(len(routed))]
     lines.append("generated tokens to attention: " + ", ".join(f"L{i + 1} {s:.0%}" for i, s in zip(routed, shares, strict=True)))

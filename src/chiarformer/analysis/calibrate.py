@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ATTN, DCT, RBF, ChiarConfig, layer_letters
+from ..config import ChiarConfig
 from ..errors import UserError
+from ..operators import ATTN, DCT, RBF, Op, layer_letters
 from ..train.runs import load_run, save_model_into_run
 from . import common
 
@@ -209,7 +210,7 @@ def calibrate_hidden(model, batches, target_attn: float | None = 0.25, target_rb
         new = taus_for_shares(stats.entropy[i], ops, targets)
         taus[j] = tau_entry(new)
         model.set_taus(taus)
-        layers.append(LayerCalibration(i, ops, new, {common.OP_LABELS[op].lower(): t for op, t in targets.items()}))
+        layers.append(LayerCalibration(i, ops, new, {Op(op).label.lower(): t for op, t in targets.items()}))
     _measure(model, batches, layers)
     return Calibration("hidden", layers, "")
 
@@ -231,7 +232,7 @@ def calibrate_paper(model, embedding_entropy: np.ndarray, batches) -> Calibratio
 def _measure(model, batches, layers: list[LayerCalibration]) -> None:
     stats = common.collect_routing(model, batches)
     for lc in layers:
-        lc.achieved = {common.OP_LABELS[op].lower(): stats.share(lc.layer, op) for op in lc.ops}
+        lc.achieved = {Op(op).label.lower(): stats.share(lc.layer, op) for op in lc.ops}
         lc.n_tokens = int(stats.ops[lc.layer].size)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import OP_NAMES
+from ..operators import Op
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Collapse:
 
     @property
     def op_name(self) -> str:
-        return OP_NAMES[self.op]
+        return Op(self.op).key
 
     def describe(self) -> str:
         return (
@@ -76,7 +76,7 @@ def detect_collapse(
             offered = tuple(layer_ops[layer]) if layer < len(layer_ops) else ()
         else:
             offered = tuple(
-                op for op in range(len(OP_NAMES)) if any(_share(r, layer, op) > 0 for r in rows)
+                op for op in Op if any(_share(r, layer, op) > 0 for r in rows)
             )
         if len(offered) < 2:
             continue

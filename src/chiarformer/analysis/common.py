@@ -15,12 +15,12 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import ATTN, DCT, RBF, ChiarConfig
+from ..config import ChiarConfig
 from ..errors import UserError
+from ..operators import ATTN, DCT, RBF
 from ..train.runs import check_run_dir
 from ..train.task_data import load_task_data
 
-OP_LABELS = {DCT: "DCT", ATTN: "ATTN", RBF: "RBF"}
 OP_COLORS = {DCT: "#4C72B0", ATTN: "#DD8452", RBF: "#55A868"}  # blue, orange, green
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ATTN, DCT, RBF, ChiarConfig, gaussian_entropy, layer_letters
+from ..config import ChiarConfig, gaussian_entropy
 from ..errors import UserError
+from ..operators import ATTN, DCT, RBF, Op, layer_letters
 from ..train.metrics import format_metrics, read_metrics
 from ..train.runs import load_run
 from . import common
@@ -310,7 +311,7 @@ def plot_op_usage(s: RunSummary, path: Path) -> Path | None:
         for k, i in enumerate(routed):
             ax = axes[k // cols][k % cols]
             for op in s.model.layer_ops[i]:
-                ax.plot(steps, [r["op_share"][i][op] for r in rows], color=common.OP_COLORS[op], label=common.OP_LABELS[op])
+                ax.plot(steps, [r["op_share"][i][op] for r in rows], color=common.OP_COLORS[op], label=Op(op).label)
             ax.axhline(0.01, color="grey", lw=0.6, ls=":")
             ax.set_ylim(-0.02, 1.02)
             ax.set_title(f"layer {i + 1}", fontsize=9)
@@ -329,7 +330,7 @@ def plot_op_usage(s: RunSummary, path: Path) -> Path | None:
             im = axes[0][k].imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis",
                                    extent=(steps[0], steps[-1], len(routed) - 0.5, -0.5))
             axes[0][k].set_yticks(range(len(routed)), [str(i + 1) for i in routed], fontsize=6)
-            axes[0][k].set_title(f"{common.OP_LABELS[op]} share", fontsize=9)
+            axes[0][k].set_title(f"{Op(op).label} share", fontsize=9)
             axes[0][k].set_xlabel("step")
             axes[0][k].set_ylabel("layer")
             fig.colorbar(im, ax=axes[0][k])
@@ -359,7 +360,7 @@ def plot_entropy(s: RunSummary, stats: common.RoutingStats, cfg: ChiarConfig, pa
         bins = np.linspace(lo, hi, 41)
         present = [op for op in (DCT, RBF, ATTN) if np.any(ops == op)]
         ax.hist([h[ops == op] for op in present], bins=bins, stacked=True,
-                color=[common.OP_COLORS[op] for op in present], label=[common.OP_LABELS[op] for op in present])
+                color=[common.OP_COLORS[op] for op in present], label=[Op(op).label for op in present])
         if i in cfg.routed_layers and cfg.routing == "threshold":
             for t in cfg.layer_taus(i):
                 ax.axvline(t, color="black", ls="--", lw=1)

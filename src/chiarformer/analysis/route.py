@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ATTN, DCT, RBF, layer_letters
 from ..errors import UserError
-from .common import OP_COLORS, OP_LABELS, Batch, forward_routing
+from ..operators import ATTN, DCT, RBF, Op, layer_letters
+from .common import OP_COLORS, Batch, forward_routing
 
 # 256-colour ANSI backgrounds close to OP_COLORS (blue, orange, green), with readable text.
 ANSI = {DCT: "\x1b[48;5;25m\x1b[97m", ATTN: "\x1b[48;5;208m\x1b[30m", RBF: "\x1b[48;5;71m\x1b[30m"}
@@ -56,7 +56,7 @@ class RouteView:
                     "ops": layer_letters(self.layer_ops[i]),
                     "taus": list(self.taus.get(i, ())),
                     "entropy": [round(float(h), 6) for h in self.entropy[i]],
-                    "op": [OP_LABELS[int(o)] for o in self.ops[i]],
+                    "op": [Op(int(o)).label for o in self.ops[i]],
                 }
                 for i in range(len(self.layer_ops))
             ],
@@ -98,19 +98,19 @@ def _layer_title(view: RouteView, i: int) -> str:
 
 def _share_text(view: RouteView, i: int) -> str:
     """Layer i's operators with the share of tokens each took, e.g. "DCT 75%, attention 25%"."""
-    return ", ".join(f"{OP_LABELS[op]} {100 * float(np.mean(view.ops[i] == op)):.0f}%" for op in view.layer_ops[i])
+    return ", ".join(f"{Op(op).label} {100 * float(np.mean(view.ops[i] == op)):.0f}%" for op in view.layer_ops[i])
 
 
 def render_ansi(view: RouteView, color: bool = True, all_layers: bool = False) -> str:
     def paint(text: str, op: int) -> str:
-        return f"{ANSI[op]}{text}{RESET}" if color else f"[{text}]{OP_LABELS[op][0]}"
+        return f"{ANSI[op]}{text}{RESET}" if color else f"[{text}]{Op(op).label[0]}"
 
     shown = view.shown(all_layers)
     present = sorted({int(o) for i in shown for o in view.ops[i]} | {op for i in shown for op in view.layer_ops[i]})
     lines = [
         f"{len(view.ids)} token(s); routing={view.routing}; layers shown: {', '.join(str(i + 1) for i in shown)}"
         + (f" (text truncated: {view.truncated} token(s) beyond max_seq_len dropped)" if view.truncated else ""),
-        "legend: " + " ".join(paint(f" {OP_LABELS[op]} ", op) for op in present),
+        "legend: " + " ".join(paint(f" {Op(op).label} ", op) for op in present),
         "",
     ]
     width = max(len(_layer_title(view, i)) for i in shown)
@@ -129,7 +129,7 @@ def render_ansi(view: RouteView, color: bool = True, all_layers: bool = False) -
         row = f"{t:>4}  {shown_tok:<{tok_w}}"
         for i in shown:
             op = int(view.ops[i, t])
-            label = f"{OP_LABELS[op]:<4}"
+            label = f"{Op(op).label:<4}"
             row += f"  {view.entropy[i, t]:>8.4f} " + (paint(label, op) if color else label)
         lines.append(row)
     return "\n".join(lines)
@@ -155,7 +155,7 @@ def render_html(view: RouteView, title: str = "CHIAR-Former routing", all_layers
         rows = [f"token {t}: {view.tokens[t]!r} (id {view.ids[t]})"]
         for i in range(len(view.layer_ops)):
             marker = " (routed)" if len(view.layer_ops[i]) > 1 else ""
-            rows.append(f"layer {i + 1}{marker}: H={view.entropy[i, t]:.4f} -> {OP_LABELS[int(view.ops[i, t])]}")
+            rows.append(f"layer {i + 1}{marker}: H={view.entropy[i, t]:.4f} -> {Op(int(view.ops[i, t])).label}")
         return html.escape("\n".join(rows), quote=True)
 
     tips = [tip(t) for t in range(len(view.ids))]
@@ -165,7 +165,7 @@ def render_html(view: RouteView, title: str = "CHIAR-Former routing", all_layers
         "(from its own forward pass). Hover a token for its spectral entropy H and operator at every layer. "
         f"Routing: {html.escape(view.routing)}.</p>"
     )
-    legend = " ".join(f'<span class="tok op{op}">{OP_LABELS[op]}</span>' for op in present_ops(view, shown))
+    legend = " ".join(f'<span class="tok op{op}">{Op(op).label}</span>' for op in present_ops(view, shown))
     body.append(f"<p>Legend: {legend}</p>")
     if view.truncated:
         body.append(f"<p>The text was truncated: {view.truncated} token(s) beyond max_seq_len were dropped.</p>")
@@ -180,7 +180,7 @@ def render_html(view: RouteView, title: str = "CHIAR-Former routing", all_layers
     rows = []
     for t in range(len(view.ids)):
         cells = "".join(
-            f"<td>{view.entropy[i, t]:.4f}</td><td class=\"op{int(view.ops[i, t])}\">{OP_LABELS[int(view.ops[i, t])]}</td>"
+            f"<td>{view.entropy[i, t]:.4f}</td><td class=\"op{int(view.ops[i, t])}\">{Op(int(view.ops[i, t])).label}</td>"
             for i in shown
         )
         rows.append(f"<tr><td>{t}</td><td class=\"t\">{html.escape(repr(view.tokens[t]))}</td>{cells}</tr>")
@@ -227,7 +227,7 @@ def route_figure(view: RouteView, all_layers: bool = False, title: str | None = 
     fig, (ax_op, ax_h) = plt.subplots(2, 1, figsize=(fig_w, 2 * row_h + 1.6), sharex=True)
     cmap = ListedColormap([OP_COLORS[DCT], OP_COLORS[ATTN], OP_COLORS[RBF]])
     ax_op.imshow(view.ops[shown], cmap=cmap, vmin=-0.5, vmax=2.5, aspect="auto", interpolation="nearest")
-    ax_op.legend(handles=[Patch(color=OP_COLORS[op], label=OP_LABELS[op]) for op in present_ops(view, shown)],
+    ax_op.legend(handles=[Patch(color=OP_COLORS[op], label=Op(op).label) for op in present_ops(view, shown)],
                  loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax_op.set_title(title or "operator per token", fontsize=9)
     entropy = view.entropy[shown]

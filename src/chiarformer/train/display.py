@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write_text
+from ..operators import ATTN
 from .metrics import format_metrics
 
 PROGRESS_S = 10.0  # seconds between plain progress lines when there is no progress bar
@@ -105,4 +106,4 @@ class Display:
         self.say(f"test (best checkpoint, step {step}): {format_metrics(record, self.kind)}")
 
     def _attn(self, op_share: list[list[float]]) -> str:
-        return "/".join(f"{op_share[i][1]:.2f}" for i in self.routed)
+        return "/".join(f"{op_share[i][ATTN]:.2f}" for i in self.routed)

@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ..model import next_token_pairs
+from ..operators import N_OPS
 from . import dist as D
 from .datasets import shard
-
-N_OPS = 3  # DCT, ATTN, RBF
 
 
 def eval_protocol(data, cfg, split: str | None = None) -> dict:

@@ -28,10 +28,11 @@ from torch import nn
 from .. import ChiarConfig, ChiarForCausalLM, ChiarForSequenceClassification
 from ..atomic import atomic_write_json
 from ..errors import UserError
+from ..operators import N_OPS
 from . import dist as D
 from .datasets import BatchSampler, TaskData, shard
 from .display import Display, MetricsLog
-from .evaluate import N_OPS, eval_protocol, evaluate, improves, op_counts, selection_metric, shares
+from .evaluate import eval_protocol, evaluate, improves, op_counts, selection_metric, shares
 from .results import results_record
 from .run_config import RunConfig, diff
 from .runtime import autocast_for, pick_device, run_settings
