@@ -2,13 +2,22 @@
 random routing at a fixed share, and quantile (tau-tracking) routing."""
 
 import copy
+import json
+import lzma
+import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from chiarformer import ChiarConfig, ChiarForCausalLM
+from chiarformer.cli import main
 from chiarformer.config import ATTN, DCT
 from chiarformer.model import KVCache
+from chiarformer.reproduce.matrix import CLAIMS, build_matrix
+from chiarformer.reproduce.run import run_config
+from chiarformer.train.loop import Trainer
 
 
 def control_model(routing: str, attn_fraction: float = 0.25, seed: int = 0) -> ChiarForCausalLM:
@@ -115,3 +124,97 @@ def test_random_routing_in_training_draws_at_the_share():
         out = model(torch.randint(0, 97, (32, 64)))
     for share in attention_shares(out):
         assert abs(share - 0.5) < 0.03
+
+
+# ---------------------------------------------------------------- chiar reproduce, smoke scale
+SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2_tokenizer"
+WORDS = "the cat sat on a mat and dog ran to red ball film plot good bad great awful".split()
+
+
+def tiny_data(root: Path) -> Path:
+    """A data folder with small WikiText-2 raw files and IMDB JSON lines (balanced labels)."""
+    rng = random.Random(0)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    (root / "wikitext2_raw").mkdir(parents=True)
+    (root / "wikitext2_raw" / "wiki.valid.raw").write_text("\n".join(f" = T{i} = \n{text(150)}" for i in range(4)))
+    (root / "wikitext2_raw" / "wiki.test.raw").write_text(f" = T = \n{text(150)}\n")
+    (root / "imdb").mkdir()
+    for split in ("train", "test"):
+        with lzma.open(root / "imdb" / f"imdb_{split}.jsonl.xz", "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps({"id": f"{split}/{i}", "label": i % 2, "text": text(40)}) + "\n" for i in range(50))
+    return root
+
+
+def test_reproduce_smoke_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CHIAR_DATA_DIR", str(tiny_data(tmp_path / "data")))
+    monkeypatch.setenv("CHIAR_CACHE_DIR", str(tmp_path / "cache"))
+    out, results = tmp_path / "runs", tmp_path / "results"
+    args = ["reproduce", "--scale", "smoke", "--out", str(out), "--results", str(results)]
+    runnable = [r for r in build_matrix("smoke").runs if not r.skip]
+
+    # An interrupted run: E1-dct_attn stops right after its checkpoint at step 1 of 2.
+    real_save = Trainer.save_checkpoint
+
+    def save_then_stop(self, which):
+        real_save(self, which)
+        if which == "last" and self.run_dir.name == "E1-dct_attn-s0" and self.step == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_stop)
+    assert main([*args, "--only", "E1"]) == 130
+    first = capsys.readouterr().out
+    assert "estimated time" in first and "E1-baseline-s0" in first and "[to run]" in first  # the plan came first
+    assert (results / "smoke" / "E1-baseline-s0.json").is_file()
+    assert not (results / "smoke" / "E1-dct_attn-s0.json").is_file()
+    monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
+
+    # The whole matrix: the finished run is skipped, the interrupted one resumes, the rest run.
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "interrupted: resumes" in text
+    assert "E1-baseline-s0: done" in text and "E1-dct_attn-s0: resuming from step 1" in text
+    assert text.count("needs mixture training (not built yet)") >= 2
+    for spec in runnable:
+        record = json.loads((results / "smoke" / f"{spec.name}.json").read_text())
+        assert record["test"] and record["protocol"]["steps"] == 2
+        assert record["command"].startswith("chiar train --task " + spec.task)
+    e7 = json.loads((results / "smoke" / "E7-calibration-s0.json").read_text())
+    assert e7["paper"]["layers"] and e7["ours"]["layers"]
+    assert json.loads((results / "smoke" / "E6-gate-causal-s0.json").read_text())["meta_gate"] is not None
+
+    # Everything is complete now: a second invocation trains nothing.
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert "0 run(s) trained" in again and "training ..." not in again
+
+    # The report reads only the records (the run folders are gone).
+    claims, figures = tmp_path / "docs" / "claims.md", tmp_path / "docs" / "figures"
+    shutil.rmtree(out)
+    assert main([*args, "--report", "--claims", str(claims), "--figures", str(figures)]) == 0
+    doc = claims.read_text()
+    for claim in CLAIMS:
+        assert sum(line.startswith(f"| **{claim}**") for line in doc.splitlines()) == 1
+    assert "not testable here" in doc and "chiar reproduce --scale paper --only E2" in doc
+    assert any(figures.glob("*.png"))
+
+
+@pytest.mark.skipif(not SHARED_TOKENIZER.is_dir(), reason="shared GPT-2 tokenizer absent")
+def test_paper_scale_is_the_published_protocol_and_plans_without_data(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "no-wikitext"
+    data.mkdir()
+    (data / "gpt2_tokenizer").symlink_to(SHARED_TOKENIZER)  # the tokenizer is there, the corpus is not
+    monkeypatch.setenv("CHIAR_DATA_DIR", str(data))
+    e1 = [r for r in build_matrix("paper").runs if r.experiment == "E1" and r.group == "dct_attn"][0]
+    cfg = run_config(e1, tmp_path)
+    t = cfg.train
+    assert (cfg.task, cfg.preset, cfg.model.layout, cfg.data.seq_len) == ("wikitext2", "paper-17m", "dct_attn", 256)
+    assert (t.batch_size, t.lr, t.warmup_steps, t.min_lr, t.epochs, t.max_steps) == (128, 1e-4, 500, 1e-6, 10.0, 0)
+    common = ["--out", str(tmp_path / "r"), "--results", str(tmp_path / "res")]
+    assert main(["reproduce", "--scale", "paper", "--plan", "--only", "E2", *common]) == 0
+    assert "E2-dct_attn-s2" in capsys.readouterr().out
+    # Running it here stops at the loaders' one-line error naming `chiar download`.
+    assert main(["reproduce", "--scale", "paper", "--only", "E2", "--seeds", "1", *common]) == 2
+    assert "chiar download wikitext103" in capsys.readouterr().err
