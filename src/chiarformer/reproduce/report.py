@@ -252,10 +252,18 @@ def claim_e8(records: dict[str, dict]) -> Row:
     from ..flops import compare as flops_compare
 
     chiar = [r for r in records.values() if r.get("flops") and r.get("experiment") == "E1"]
-    big = flops_compare(ChiarConfig.from_preset("paper-400m", layout="dct_attn"), 256, attn_fraction=0.25)
-    small = flops_compare(ChiarConfig.from_preset("paper-17m", layout="dct_attn"), 256, attn_fraction=0.25)
-    parts = [f"analytic at 25% attention: 17M attention sub-layer -{100 * small.attention_reduction:.1f}%, total "
-             f"-{100 * small.total_reduction:.1f}%; 400M total -{100 * big.total_reduction:.1f}%"]
+    def analytic(preset: str, dct_cost: str):
+        return flops_compare(ChiarConfig.from_preset(preset, layout="dct_attn"), 256, attn_fraction=0.25,
+                             dct_cost=dct_cost)
+
+    small, big = analytic("paper-17m", "matmul"), analytic("paper-400m", "matmul")
+    small_fft, big_fft = analytic("paper-17m", "fft"), analytic("paper-400m", "fft")
+    parts = [f"analytic at 25% attention in the routed layers, paper's convention (attention matmuls only): "
+             f"-{100 * small.paper_attention_reduction:.1f}%; honest count with the DCT as executed (d^2 matmul) / "
+             f"nominal (d log d): 17M token-mixing sub-layers -{100 * small.attention_reduction:.1f}% / "
+             f"-{100 * small_fft.attention_reduction:.1f}%, total forward -{100 * small.total_reduction:.1f}% / "
+             f"-{100 * small_fft.total_reduction:.1f}%; 400M total -{100 * big.total_reduction:.1f}% / "
+             f"-{100 * big_fft.total_reduction:.1f}%"]
     if chiar:
         att = [100 * r["flops"]["attention_reduction"] for r in chiar]
         tot = [100 * r["flops"]["total_reduction"] for r in chiar]
@@ -267,8 +275,9 @@ def claim_e8(records: dict[str, dict]) -> Row:
     if speed:
         parts.append("measured training tokens/s (shared machine, rough): "
                      + "; ".join(f"{g} {values_text(v, 0)}" for g, v in sorted(speed.items())))
-    verdict = (f"62.5% attention: counts the attention matmuls only; ~37% total at 400M: "
-               f"{CONTRADICTED if big.total_reduction < 0.30 else SUPPORTED} by the analytic count "
+    verdict = (f"62.5%: reproduced only under the paper's convention (attention matmuls alone, {SUPPORTED} "
+               f"as arithmetic: {100 * small.paper_attention_reduction:.1f}%); ~37% total at 400M: "
+               f"{CONTRADICTED if big_fft.total_reduction < 0.30 else SUPPORTED} by the analytic count "
                "(FFN, K/V projections and the LM head included)")
     return Row("E8", "; ".join(parts), verdict, "", "Per-run FLOPs and tokens/s: the table below.")
 
