@@ -273,7 +273,7 @@ def claim_e8(records: dict[str, dict]) -> Row:
         if r.get("tokens_per_s") and r.get("experiment") == "E1":
             speed.setdefault(r["group"], []).append(r["tokens_per_s"])
     if speed:
-        parts.append("measured training tokens/s (shared machine, rough): "
+        parts.append("measured training tokens/s (rough: they depend on the load of the machine): "
                      + "; ".join(f"{g} {values_text(v, 0)}" for g, v in sorted(speed.items())))
     verdict = (f"62.5%: reproduced only under the paper's convention (attention matmuls alone, {SUPPORTED} "
                f"as arithmetic: {100 * small.paper_attention_reduction:.1f}%); ~37% total at 400M: "

@@ -29,7 +29,7 @@ from .matrix import CLAIMS, E2_SUBSET, Analysis, Matrix, RunSpec
 # Training tokens/s per model family used by the plan until a finished run of the family has
 # measured its own. "lm": paper-17m LM at T 256 on 2 idle cores (measured, 1,400-1,800); the
 # others are guesses from its cost split (three_op adds the RBF operator; classifiers have no
-# 50257-way head). Rough: the machine is shared.
+# 50257-way head). Rough: throughput depends on the load of the machine.
 TOKENS_PER_S = {"smoke": {"lm": 20_000, "lm-three_op": 20_000, "cls": 20_000},
                 "cpu": {"lm": 1_600, "lm-three_op": 1_300, "cls": 6_000},
                 # paper scale: an assumed single modern GPU (bf16/fp16) for the plan; not measured here
