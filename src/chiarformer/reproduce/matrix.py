@@ -115,6 +115,8 @@ LM = {
                     4.0, 2.0, 225_000, 16, 256),
     "paper": LMBudget((), 10.0, 10.0, 2_400_000, 128, 256),
 }
+# Training tokens per epoch of the full corpora (GPT-2 BPE, SPEC §2); the proxies use LMBudget's figure.
+PAPER_EPOCH_TOKENS = {"wikitext103": 122_000_000}
 # Evaluation tokens per LM run: every periodic validation pass (10 per run) plus the test pass.
 WT2_EVAL = 11 * 25_000 + 286_000
 E2_SUBSET = {"smoke": (40, 8, 8), "cpu": (5000, 400, 1000), "paper": (0, 0, 0)}  # train/val/test reviews
@@ -171,7 +173,8 @@ def _lm_run(scale: str, experiment: str, group: str, layout: str, seed: int, *, 
     budget = []
     if scale != "smoke":
         budget = [f"train.max_steps={max_steps}"] if max_steps else [f"train.epochs={epochs}"]
-    tokens = (max_steps * b.batch * b.seq_len) if max_steps else int((epochs or 1.0) * b.train_tokens_wt2)
+    per_epoch = PAPER_EPOCH_TOKENS.get(task, b.train_tokens_wt2)
+    tokens = (max_steps * b.batch * b.seq_len) if max_steps else int((epochs or 1.0) * per_epoch)
     if scale == "smoke":
         tokens = 2 * b.batch * b.seq_len
     return RunSpec(f"{experiment}-{group}-s{seed}", experiment, group, task, preset, layout,
