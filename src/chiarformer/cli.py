@@ -9,10 +9,11 @@
     chiar generate --run runs/NAME "prompt" [--max-new-tokens N --temperature T --top-k K --top-p P ...]
     chiar export --run runs/NAME --out DIR  a Hugging Face folder (needs the hf extra)
     chiar download NAME [--to DIR]        fetch wikitext2, wikitext103, imdb or gpt2-tokenizer (data/download.py)
+    chiar reproduce [--scale smoke|cpu|paper] [--only E1,E3] [--seeds N] --out runs/reproduce   the paper's claims
     chiar --version;  python -m chiarformer ...  (the same as chiar)
 
 Analysis subcommands (calibrate, route, flops, report) are added by chiarformer.analysis.cli, generate by
-chiarformer.textgen, export by chiarformer.hf_export.
+chiarformer.textgen, export by chiarformer.hf_export, reproduce by chiarformer.reproduce.cli.
 Multi-GPU: `torchrun --nproc_per_node=8 -m chiarformer.cli train ...` (see docs/training.md).
 
 User mistakes raise `UserError`: one line `error: ...` on stderr and exit status 2, no traceback.
@@ -34,6 +35,7 @@ from .data import download
 from .data.files import ENV_DATA_DIR, data_dir
 from .data.tasks import TASKS
 from .errors import UserError
+from .reproduce import cli as reproduce_cli
 
 EXIT_USER_ERROR = 2
 # The subcommands import the training engine (chiarformer.train) when they run, not at start-up:
@@ -260,6 +262,7 @@ def _register_plugins(sub) -> None:
     textgen.register(sub)
     hf_export.register(sub)
     download.register(sub)
+    reproduce_cli.register(sub)
 
 
 def _version() -> str:

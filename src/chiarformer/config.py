@@ -15,7 +15,7 @@ from .errors import UserError
 from .operators import LETTERS, RBF, Op
 
 LAYOUTS = ("baseline", "dct_attn", "three_op", "dct_only")
-ROUTINGS = ("threshold", "soft", "hard", "topk", "capacity")
+ROUTINGS = ("threshold", "soft", "hard", "topk", "capacity", "random", "quantile")
 META_ROUTERS = ("none", "causal", "batch_mean")
 EXECUTIONS = ("sparse", "dense")
 NORMS = ("post", "pre", "per_operator")
@@ -51,12 +51,15 @@ class ChiarConfig:
 
     # --- which operator each layer may use ---
     layout: str = "dct_attn"  # baseline | dct_attn | three_op | dct_only | per-layer "D,DA,DRA,A"
-    routing: str = "threshold"  # threshold | soft | hard | topk | capacity (how routed layers choose)
+    routing: str = "threshold"  # threshold | soft | hard | topk | capacity | random | quantile (how routed layers choose)
     # Entropy threshold(s): None = the Gaussian-vector entropy at d_model (the published
     # operating point); a float for every routed layer; a list with one entry per routed
     # layer; for three-operator layers each entry is a pair (tau_low, tau_high).
     tau: float | list | None = None
     attn_fraction: float = 0.25  # share of tokens sent to attention by routing="topk"; the bound's share for "capacity"
+    # routing="random" (a control, not a method): each token takes attention with probability
+    # attn_fraction whatever its content. routing="quantile": threshold routing whose tau follows,
+    # in training, the (1 - attn_fraction) quantile of earlier batches' entropies (routing.Router).
     # routing="capacity": threshold routing in which at most ceil(capacity_factor * attn_fraction
     # * (p + 1)) of a sequence's first p + 1 tokens take attention (candidates above tau, earliest
     # first; the overflow goes to the DCT). Causal, and every routed layer computes exactly
@@ -207,8 +210,9 @@ class ChiarConfig:
         choice("dropout_placement", DROPOUT_PLACEMENTS)
         choice("collapse_form", COLLAPSE_FORMS)
         layer_ops = self.layer_ops  # raises on a bad layout
-        if self.routing == "topk" and any(len(ops) > 2 for ops in layer_ops):
-            raise UserError("routing='topk' picks attention tokens only; use threshold/soft/hard for three operators")
+        if self.routing in ("topk", "random", "quantile") and any(len(ops) > 2 for ops in layer_ops):
+            raise UserError(f"routing={self.routing!r} picks attention tokens only; use threshold/soft/hard for "
+                            "three operators")
         if isinstance(self.tau, list) and len(self.tau) != len(self.routed_layers):
             raise UserError(f"tau lists {len(self.tau)} value(s) but the layout has {len(self.routed_layers)} routed layer(s)")
         for layer in self.routed_layers:

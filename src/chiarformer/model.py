@@ -69,7 +69,7 @@ class ChiarLayer(nn.Module):
         self.mixer = TokenMixer(cfg, with_rbf=own_rbf) if ATTN in self.ops or own_rbf else None
         inner_dropout = cfg.dropout if cfg.dropout_placement == "reference" else 0.0
         self.rbf_ref = ReferenceRBF(cfg, inner_dropout) if published_rbf else None
-        self.router = Router(cfg, self.ops, cfg.layer_taus(index)) if len(self.ops) > 1 else None
+        self.router = Router(cfg, self.ops, cfg.layer_taus(index), index) if len(self.ops) > 1 else None
         if cfg.norm == "per_operator":  # published: LN_op(x + op(x)) inside each operator
             self.op_norms = nn.ModuleDict({Op(op).key: nn.LayerNorm(cfg.d_model) for op in self.ops})
         else:

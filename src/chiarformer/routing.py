@@ -33,8 +33,22 @@ class Decision:
     attn_count: torch.Tensor | None = None  # capacity: (B,) attention tokens so far, for a KV cache
 
 
+# routing="random": a fixed seed per layer for the evaluation draws (distinct from any run seed).
+RANDOM_ROUTE_SEED = 16_000
+# routing="quantile": tau moves this far towards each batch's quantile (an EMA), after a plain
+# running mean over the first 1 / TAU_TRACK_RATE batches so the initial tau leaves no bias.
+TAU_TRACK_RATE = 0.1
+
+
+def random_route_draws(layer: int, n_positions: int) -> torch.Tensor:
+    """routing="random" in eval mode: one fixed uniform per (layer, position), so evaluation is
+    deterministic, a KV cache routes as a full pass does, and nothing depends on content."""
+    generator = torch.Generator().manual_seed(RANDOM_ROUTE_SEED + layer)
+    return torch.rand(n_positions, generator=generator)
+
+
 class Router(nn.Module):
-    def __init__(self, cfg, ops: tuple[int, ...], taus: tuple[float, ...]):
+    def __init__(self, cfg, ops: tuple[int, ...], taus: tuple[float, ...], layer: int = 0):
         super().__init__()
         self.mode = cfg.routing
         self.order = tuple(op for op in ENTROPY_ORDER if op in ops)
@@ -45,6 +59,10 @@ class Router(nn.Module):
         self.register_buffer("tau", torch.tensor(taus, dtype=torch.float32))
         if self.mode in ("soft", "hard"):
             self.logits = nn.Linear(cfg.d_model + 1, len(self.order))
+        if self.mode == "random":  # not in checkpoints: a pure function of (layer, position)
+            self.register_buffer("eval_draws", random_route_draws(layer, cfg.max_seq_len), persistent=False)
+        if self.mode == "quantile":  # batches tracked so far; saved with tau, so resuming is exact
+            self.register_buffer("tau_updates", torch.zeros((), dtype=torch.long))
 
     def set_tau(self, taus: tuple[float, ...]) -> None:
         self.tau.copy_(torch.tensor(taus, dtype=torch.float32))
@@ -64,6 +82,13 @@ class Router(nn.Module):
             return Decision(torch.where(candidates & ~accepted, DCT, ops), None, None, count)
         if self.mode == "topk":
             return Decision(self.top_k(entropy, key_mask), None, None)
+        if self.mode == "random":
+            return Decision(self.random_route(entropy, key_mask, pos), None, None)
+        if self.mode == "quantile":
+            ops = order[torch.bucketize(entropy, self.tau)]  # with the tau from before this batch
+            if self.training:
+                self.track_tau(entropy, key_mask)
+            return Decision(ops, None, None)
         features = torch.cat([h, entropy[..., None].to(h.dtype)], dim=-1)
         probs = torch.softmax(self.logits(features).float(), dim=-1)
         choice = probs.argmax(-1)
@@ -86,6 +111,32 @@ class Router(nn.Module):
             onehot = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
             return onehot - probs.detach() + probs
         return None
+
+    def random_route(self, entropy: torch.Tensor, key_mask: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+        """Attention with probability attn_fraction per token, independent of content: in training
+        fresh draws from the global generator (which the training loop seeds at every step), in
+        eval the fixed draws of this layer at the tokens' positions. Padding goes to the DCT."""
+        if self.training:
+            draws = torch.rand(entropy.shape, device=entropy.device)
+        else:
+            draws = self.eval_draws[pos].expand(entropy.shape)
+        attend = draws < self.attn_fraction
+        if key_mask is not None:
+            attend = attend & key_mask
+        return torch.where(attend, ATTN, DCT)
+
+    @torch.no_grad()
+    def track_tau(self, entropy: torch.Tensor, key_mask: torch.Tensor | None) -> None:
+        """Move tau towards the (1 - attn_fraction) quantile of this batch's real-token entropies.
+
+        Called after the batch is routed: a batch never sees its own quantile, so no token's route
+        depends on other tokens of its batch; eval mode uses the stored tau unchanged.
+        """
+        real = entropy if key_mask is None else entropy[key_mask]
+        target = torch.quantile(real.float().flatten(), 1.0 - self.attn_fraction)
+        rate = torch.clamp(1.0 / (self.tau_updates + 1).float(), min=TAU_TRACK_RATE)
+        self.tau.lerp_(target.expand_as(self.tau), rate)
+        self.tau_updates += 1
 
     def top_k(self, entropy: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """Per sequence, the round(attn_fraction * length) highest-entropy real tokens go to attention.
