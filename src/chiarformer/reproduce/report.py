@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..train.checkpoint import atomic_write_text
+from ..atomic import atomic_write_text
 from .matrix import CLAIMS, build_matrix
 from .run import TOKENS_PER_S, estimate_s
 

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write_json, atomic_write_text
 from ..errors import UserError
-from ..train import checkpoint as C
-from ..train.config import RunConfig, resolve
 from ..train.loop import train
-from ..train.runs import read_metrics
+from ..train.metrics import read_metrics
+from ..train.run_config import RunConfig, resolve
+from ..train.task_data import load_task_data
 from .matrix import CLAIMS, E2_SUBSET, Analysis, Matrix, RunSpec
 
 # Training tokens/s per model family used by the plan until a finished run of the family has
@@ -151,7 +152,7 @@ def prepare_imdb_text(folder: Path, scale: str, data_dir: str | None = None) -> 
     splits = {"train.txt": [texts[i] for i in order[:n_train]], "val.txt": [texts[i] for i in order[n_train:n_train + n_val]],
               "test.txt": [test[i] for i in test_order]}
     for name, reviews in splits.items():  # test.txt last: its presence means all three are complete
-        C.atomic_write_text(folder / name, "\n\n".join(r.strip() for r in reviews) + "\n")
+        atomic_write_text(folder / name, "\n\n".join(r.strip() for r in reviews) + "\n")
 
 
 # --------------------------------------------------------------------------- records
@@ -169,9 +170,7 @@ def _curves(metrics: list[dict]) -> dict:
 def unigram_ppl(cfg: RunConfig) -> float | None:
     """PPL of the training split's add-one unigram distribution on the test split (LM only):
     the bar every model must clear by far to show it learned."""
-    from ..train.tasks import load_task
-
-    data = load_task(cfg, quiet=True)
+    data = load_task_data(cfg, quiet=True)
     if data.kind != "lm":
         return None
     train_tokens, test_tokens = np.asarray(data.train.tokens), np.asarray(data.test.tokens)
@@ -225,7 +224,7 @@ def write_record(spec: RunSpec, scale: str, run_dir: Path, results_dir: Path, co
     }
     path = record_path(results_dir, scale, spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    C.atomic_write_json(path, record)
+    atomic_write_json(path, record)
     return record
 
 
@@ -246,7 +245,7 @@ def calibration_analysis(a: Analysis, scale: str, out: Path, results_dir: Path) 
               "default_tau_shares": chiar_record.get("attn_shares")}
     path = record_path(results_dir, scale, a.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    C.atomic_write_json(path, record)
+    atomic_write_json(path, record)
     return record
 
 
