@@ -27,7 +27,7 @@ import torch
 from chiarformer import ChiarConfig, ChiarForCausalLM
 from chiarformer.analysis.calibrate import calibrate_hidden
 from chiarformer.analysis.common import Batch, collect_routing
-from chiarformer.config import ATTN
+from chiarformer.operators import ATTN
 
 from bench_routing import race  # interleaved medians, shared with the routing benchmark
 

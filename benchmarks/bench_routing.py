@@ -21,8 +21,8 @@ import time
 import torch
 
 from chiarformer import ChiarConfig, ChiarForCausalLM
-from chiarformer.config import ATTN
 from chiarformer.flops import MIXING, count_flops, entropy_macs, training_macs
+from chiarformer.operators import ATTN
 from chiarformer.ops import resolve_impl
 from chiarformer.sparse import merge_rows
 

@@ -13,8 +13,8 @@ import torch
 
 from chiarformer import ChiarConfig, ChiarForCausalLM
 from chiarformer.cli import main
-from chiarformer.config import ATTN, DCT
 from chiarformer.model import KVCache
+from chiarformer.operators import ATTN, DCT
 from chiarformer.reproduce.matrix import CLAIMS, build_matrix
 from chiarformer.reproduce.run import run_config
 from chiarformer.train.loop import Trainer
@@ -160,7 +160,7 @@ def test_reproduce_smoke_end_to_end(tmp_path, monkeypatch, capsys):
 
     def save_then_stop(self, which):
         real_save(self, which)
-        if which == "last" and self.run_dir.name == "E1-dct_attn-s0" and self.step == 1:
+        if which == "last" and self.run_dir.name == "E1-dct_attn-s0" and self.progress.step == 1:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "save_checkpoint", save_then_stop)

@@ -11,6 +11,14 @@ from .matrix import DEFAULT_SEEDS, SCALES
 
 
 def cmd_reproduce(args) -> int:
+    if args.report:  # reads the records only
+        from pathlib import Path
+
+        from .report import write_report
+
+        written = write_report(Path(args.results), args.scale, Path(args.claims), Path(args.figures))
+        print(f"wrote {args.claims} ({len(written)} figure(s) in {args.figures})", flush=True)
+        return 0
     from .run import main
 
     return main(args)

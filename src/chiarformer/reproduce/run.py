@@ -329,12 +329,6 @@ def main(args) -> int:
 
     out, results_dir = Path(args.out), Path(args.results)
     matrix = select(build_matrix(args.scale, args.seeds), args.only)
-    if args.report:
-        from .report import write_report
-
-        written = write_report(results_dir, args.scale, Path(args.claims), Path(args.figures))
-        _say(f"wrote {args.claims} ({len(written)} figure(s) in {args.figures})")
-        return 0
     _say(plan_text(matrix, out, results_dir))
     if args.plan:
         return 0
