@@ -79,8 +79,8 @@ def trained_run(workspace):
 
 def _write_run(workspace: Path, name: str, layout: str, metrics: list[dict], extra: list[str] = ()) -> Path:
     """A run folder written with the engine's helpers (config.yaml, best/last checkpoints)."""
+    from chiarformer.model import build_model
     from chiarformer.train import checkpoint as C
-    from chiarformer.train.loop import build_model
 
     cfg = _run_config(workspace, layout, extra)
     cfg.model = cfg.model.replace(vocab_size=257)  # bytes tokenizer + end of text

@@ -145,3 +145,36 @@ def test_a_cycle_hidden_in_a_function_is_found_only_with_function_level_imports(
     deep = import_graph(tmp_path, "pkg", into_functions=True)
     assert deep["pkg.a"] == {"pkg.b"}  # TYPE_CHECKING's pkg.c still does not count
     assert find_cycle(deep) == ["pkg.a", "pkg.b", "pkg.a"]
+
+
+# The model core is usable without the engine or the data code (hf.py and reference.py build on
+# it); the data code without the engine. Imports inside functions count.
+CORE = ("config", "operators", "ops", "layers", "routing", "sparse", "model", "loss", "sampling", "errors")
+BOUNDARIES = [(f"chiarformer.{m}", ("chiarformer.train", "chiarformer.data")) for m in CORE]
+BOUNDARIES.append(("chiarformer.data", ("chiarformer.train",)))
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+@pytest.mark.parametrize("module, forbidden", BOUNDARIES, ids=[m for m, _ in BOUNDARIES])
+def test_import_boundaries(module, forbidden):
+    graph = import_graph(SRC, "chiarformer", into_functions=True)
+    starts = [name for name in graph if name == module or name.startswith(module + ".")]
+    assert starts, f"{module} is not a module of the package"
+    for start in starts:
+        bad = sorted(m for m in reachable(graph, start) if m.startswith(forbidden))
+        assert not bad, f"{start} reaches {bad[:3]}"
+
+
+def test_a_boundary_crossing_is_found(tmp_path):
+    _write(tmp_path, {"pkg/__init__.py": "", "pkg/model.py": "def f():\n    from .train import loop\n",
+                      "pkg/train/__init__.py": "", "pkg/train/loop.py": ""})
+    assert "pkg.train.loop" in reachable(import_graph(tmp_path, "pkg", into_functions=True), "pkg.model")

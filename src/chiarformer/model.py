@@ -414,3 +414,8 @@ class ChiarForSequenceClassification(ChiarPreTrained):
         logits = self.head(pooled)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return ModelOutput(logits, loss, self.aux_loss(routing, logits), routing, gate)
+
+
+def build_model(cfg: ChiarConfig, kind: str) -> ChiarPreTrained:
+    """The model a task of `kind` trains: "lm" (causal LM) or "cls" (sequence classifier)."""
+    return ChiarForCausalLM(cfg) if kind == "lm" else ChiarForSequenceClassification(cfg)

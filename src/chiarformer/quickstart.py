@@ -19,13 +19,20 @@ at the default Gaussian tau would send an arbitrary share).
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from . import flops
 from .errors import UserError
 from .operators import ATTN, layer_letters
+from .train import resolve, train
+from .train.metrics import read_metrics
+from .train.task_data import load_task_data
 
 # Sized to finish both models in about 2 minutes on 2 CPU cores (see docs/training.md).
 DEFAULT_STEPS = 1000
@@ -61,8 +68,6 @@ def quickstart_sets(steps: int, n_train: int, seed: int, threads: int, cache_dir
 def run_quickstart(steps: int | None = None, seed: int = 0, out: str | None = None, threads: int = 0,
                    quiet: bool = False, n_train: int | None = None, lengths: tuple[int, int] | None = None,
                    depth: int | None = None, n_eval: int | None = None) -> dict:
-    from .train import resolve, train
-    from .train.task_data import load_task_data
 
     steps = DEFAULT_STEPS if steps is None else steps
     n_train = DEFAULT_TRAIN if n_train is None else n_train
@@ -121,7 +126,6 @@ def _folder(name: str) -> str:
 
 
 def format_table(rows: dict, data, steps: int, n_train: int, n_eval: int, total_s: float, load: float | None = None) -> str:
-    from . import flops
 
     names = list(rows)
     first = rows[names[0]]
@@ -211,9 +215,7 @@ def format_table(rows: dict, data, steps: int, n_train: int, n_eval: int, total_
 
 def median_tokens_per_s(run_dir: Path) -> float | None:
     """Median training tokens/s over the run's logged windows (metrics.jsonl); robust to a slow stretch."""
-    import statistics
 
-    from .train.metrics import read_metrics
 
     rates = [rec["tokens_per_s"] for rec in read_metrics(run_dir) if rec.get("kind") == "train" and rec.get("tokens_per_s")]
     return statistics.median(rates) if rates else None
@@ -237,7 +239,6 @@ def _routed_shares(results: dict, cfg) -> list[float] | None:
 
 def _test_stats(data) -> tuple[int, float]:
     """(mean non-padding length, majority-class share) of the test split."""
-    import numpy as np
 
     lengths = data.test.lengths()
     labels = np.asarray(data.test.data.labels)

@@ -32,9 +32,9 @@ from .config import PRESETS, REFERENCE_OPTIONS, ChiarConfig, parse_layout
 from .data.tasks import task_spec
 from .errors import UserError
 from .layers import rope_inv_freq
+from .model import build_model
 from .operators import layer_letters
 from .train import checkpoint as C
-from .train.loop import build_model
 from .train.run_config import resolve
 
 # tau of the published 400M run: the midpoint of its config.py's tau_low / tau_high.

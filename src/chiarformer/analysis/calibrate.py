@@ -31,7 +31,7 @@ import torch
 
 from ..config import ChiarConfig
 from ..errors import UserError
-from ..operators import ATTN, DCT, RBF, Op, layer_letters
+from ..operators import ATTN, DCT, ENTROPY_ORDER, RBF, Op, layer_letters
 from ..train.runs import load_run, save_model_into_run
 from . import common
 
@@ -121,7 +121,6 @@ def taus_for_shares(entropy: np.ndarray, ops: tuple[int, ...], targets: dict[int
     Routing is bucketize(H, taus) with right=False: H <= tau_0 -> first operator, tau_0 < H <= tau_1
     -> second, H > tau_last -> last. The operator order by entropy is DCT < RBF < attention.
     """
-    from ..routing import ENTROPY_ORDER
 
     order = [op for op in ENTROPY_ORDER if op in ops]
     h = np.sort(np.asarray(entropy, dtype=np.float64))

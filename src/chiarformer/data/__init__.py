@@ -1,6 +1,6 @@
 """Data for CHIAR-Former: tokenizers, datasets, LM batching and the task registry.
 
-Start here (the training engine needs only these):
+Start here:
 
     from chiarformer.data import load_task, TASKS, task_options, LISTOPS_CPU
     task = load_task("wikitext2-proxy", seq_len=256)        # see chiarformer.data.tasks

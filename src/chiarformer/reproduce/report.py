@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_text
+from ..config import ChiarConfig
+from ..flops import compare as flops_compare
 from .matrix import CLAIMS, build_matrix
 from .run import TOKENS_PER_S, estimate_s
 
@@ -253,8 +255,6 @@ def claim_e7(records: dict[str, dict]) -> Row:
 
 
 def claim_e8(records: dict[str, dict]) -> Row:
-    from ..config import ChiarConfig
-    from ..flops import compare as flops_compare
 
     chiar = [r for r in records.values() if r.get("flops") and r.get("experiment") == "E1"]
     def analytic(preset: str, dct_cost: str):

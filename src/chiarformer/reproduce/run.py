@@ -19,13 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..analysis.calibrate import calibrate_run
 from ..atomic import atomic_write_json, atomic_write_text
+from ..data import load_imdb
 from ..errors import UserError
+from ..flops import compare
 from ..train.loop import train
 from ..train.metrics import read_metrics
 from ..train.run_config import RunConfig, resolve
 from ..train.task_data import load_task_data
-from .matrix import CLAIMS, E2_SUBSET, Analysis, Matrix, RunSpec
+from .matrix import CLAIMS, E2_SUBSET, Analysis, Matrix, RunSpec, build_matrix, select
 
 # Training tokens/s per model family used by the plan until a finished run of the family has
 # measured its own. "lm": paper-17m LM at T 256 on 2 idle cores (measured, 1,400-1,800); the
@@ -137,7 +140,6 @@ def plan_text(matrix: Matrix, out: Path, results: Path) -> str:
 def prepare_imdb_text(folder: Path, scale: str, data_dir: str | None = None) -> None:
     """E2's corpus: seeded-random subsets of IMDB train (train, val) and test review text, one
     file per split, reviews separated by a blank line. Written once; the same seed, the same files."""
-    from ..data import load_imdb
 
     if (folder / "test.txt").is_file():
         return
@@ -181,7 +183,6 @@ def unigram_ppl(cfg: RunConfig) -> float | None:
 
 def flops_at(cfg: RunConfig, shares: list[float] | None) -> dict | None:
     """Analytic forward MACs vs the baseline of the same size at the run's achieved shares."""
-    from ..flops import compare
 
     model = cfg.model
     if not model.routed_layers or shares is None:
@@ -232,7 +233,6 @@ def write_record(spec: RunSpec, scale: str, run_dir: Path, results_dir: Path, co
 def calibration_analysis(a: Analysis, scale: str, out: Path, results_dir: Path) -> dict:
     """The published tau calibration (baseline's embedding entropies) vs ours, on E1's dct_attn run;
     nothing in the runs is changed (dry runs of `chiar calibrate`)."""
-    from ..analysis.calibrate import calibrate_run
 
     base_dir, chiar_dir = (out / scale / n for n in a.needs)
     paper = calibrate_run(chiar_dir, method="paper", baseline_run=base_dir, save=False)
@@ -325,7 +325,6 @@ def run_matrix(matrix: Matrix, out: Path, results_dir: Path, verbose: bool = Fal
 
 
 def main(args) -> int:
-    from .matrix import build_matrix, select
 
     out, results_dir = Path(args.out), Path(args.results)
     matrix = select(build_matrix(args.scale, args.seeds), args.only)

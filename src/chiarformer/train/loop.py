@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import ChiarConfig, ChiarForCausalLM, ChiarForSequenceClassification
 from ..atomic import atomic_write_json
 from ..errors import UserError
+from ..model import build_model
 from ..operators import N_OPS
 from . import dist as D
 from .datasets import BatchSampler, TaskData, shard
@@ -45,10 +45,6 @@ class TrainingDiverged(UserError):
 
 
 # ---------------------------------------------------------------------------- building blocks
-def build_model(model_cfg: ChiarConfig, kind: str) -> nn.Module:
-    return ChiarForCausalLM(model_cfg) if kind == "lm" else ChiarForSequenceClassification(model_cfg)
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: none on norms, biases, embeddings or other 1-D parameters."""
     no_decay_ids = set()

@@ -9,8 +9,9 @@ A run is described by one `RunConfig`:
     data:   `DataConfig` (context length, evaluation stride, data folder, task-specific sizes; the
             task-specific fields are the registry's task options, by the same names)
 
-Resolution order, later wins: dataclass defaults < the task's published defaults < the preset
-< the YAML file (--config) < --model/--preset flags < --set overrides. Values are typed by the
+Resolution order, later wins: dataclass defaults < the preset's model < the task's published
+defaults (its train and data values, and model fields such as n_classes) < the YAML file
+(--config) < --model/--preset flags < --set overrides. Values are typed by the
 dataclass field types; an unknown key or a value of the wrong type is a `UserError`.
 The resolved configuration is written into the run folder as commented YAML (config.yaml).
 """

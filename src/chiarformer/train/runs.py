@@ -23,10 +23,10 @@ import torch
 from ..config import ChiarConfig
 from ..data.tasks import task_spec
 from ..errors import UserError
+from ..model import build_model
 from . import checkpoint as C
 from .dist import DistInfo
 from .evaluate import eval_protocol, evaluate
-from .loop import build_model
 from .run_config import RunConfig
 from .runtime import autocast_for, pick_device
 from .task_data import finalize_model_config, load_task_data, tokenizer_for
