@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..analysis.common import OP_COLORS
 from ..atomic import atomic_write_text
 from ..config import ChiarConfig
 from ..flops import compare as flops_compare
+from ..operators import Op
 from .matrix import CLAIMS, build_matrix
 from .run import TOKENS_PER_S, estimate_s
 
@@ -326,8 +328,9 @@ def plot_e3_shares(groups, path: Path) -> Path | None:
         if not curve:
             continue
         steps = [p["step"] for p in curve]
-        for op, name, color in ((0, "DCT", "#48a"), (1, "attention", "#c53"), (2, "RBF", "#5a5")):
-            ax.plot(steps, [np.mean([p["op_share"][i][op] for i in (1, 2)]) for p in curve], label=name, color=color)
+        for op in Op:
+            ax.plot(steps, [np.mean([p["op_share"][i][op] for i in (1, 2)]) for p in curve], label=op.label,
+                    color=OP_COLORS[op])
         ax.set_title(f"{group} (seed {runs[0]['seed']})", fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_xlabel("step", fontsize=8)
