@@ -164,6 +164,4 @@ class Mixture:
         """The mixture's part of results.json."""
         m = self.cfg.mix
         return {"tasks": self.names, "prob": m.prob, "extra_batches": dict(self.batches),
-                "batch_sizes": {n: s.batch_size for n, s in self.samplers.items()},
-                "step": "extra batch: own forward/backward, gradients summed with the main batch's, one optimizer step",
-                "test": test}
+                "batch_sizes": {n: s.batch_size for n, s in self.samplers.items()}, "test": test}
