@@ -63,7 +63,8 @@ def aux_run_config(cfg: RunConfig, name: str) -> RunConfig:
 
 
 def load_aux_data(cfg: RunConfig, main: TaskData, quiet: bool = False) -> dict[str, TaskData]:
-    """Every auxiliary task's data, checked against the main task's vocabulary."""
+    """Every auxiliary task's data, checked against the main task's vocabulary; grows
+    cfg.model.max_seq_len to the longest aux input (before config.yaml is written)."""
     out = {}
     for name in cfg.mix.tasks:
         aux_cfg = aux_run_config(cfg, name)
