@@ -389,6 +389,24 @@ class ChiarForCausalLM(ChiarPreTrained):
         return tokens
 
 
+def classification_head(cfg: ChiarConfig, n_classes: int) -> nn.Sequential:
+    """The classifier's MLP head (Linear d->d, GELU, dropout, Linear d->n_classes); also the
+    classification heads of mixed-dataset training (train/mixture.py)."""
+    # Named entries keep the weights at head.0 / head.2 whatever the dropout placement.
+    head_dropout = cfg.dropout if cfg.dropout_placement == "reference" else 0.0
+    return nn.Sequential(OrderedDict([("0", nn.Linear(cfg.d_model, cfg.d_model)), ("1", nn.GELU()),
+                                      ("dropout", nn.Dropout(head_dropout)),
+                                      ("2", nn.Linear(cfg.d_model, n_classes))]))
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the final states over the real tokens (all of them without a mask)."""
+    if attention_mask is None:
+        return hidden.mean(1)
+    m = attention_mask.to(hidden.dtype)[..., None]
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 class ChiarForSequenceClassification(ChiarPreTrained):
     """Backbone, mean of the final states over real tokens, MLP head."""
 
@@ -397,21 +415,12 @@ class ChiarForSequenceClassification(ChiarPreTrained):
             raise UserError("meta_router='batch_mean' lets sequences in a batch see each other; "
                             "set allow_noncausal=True to replicate the paper")
         super().__init__(cfg)
-        # Named entries keep the weights at head.0 / head.2 whatever the dropout placement.
-        head_dropout = cfg.dropout if cfg.dropout_placement == "reference" else 0.0
-        self.head = nn.Sequential(OrderedDict([("0", nn.Linear(cfg.d_model, cfg.d_model)), ("1", nn.GELU()),
-                                               ("dropout", nn.Dropout(head_dropout)),
-                                               ("2", nn.Linear(cfg.d_model, cfg.n_classes))]))
+        self.head = classification_head(cfg, cfg.n_classes)
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, labels=None, return_routing=False):
         hidden, routing, gate = self.model(input_ids, attention_mask, want_entropy=return_routing)
-        if attention_mask is None:
-            pooled = hidden.mean(1)
-        else:
-            m = attention_mask.to(hidden.dtype)[..., None]
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        logits = self.head(pooled)
+        logits = self.head(mean_pool(hidden, attention_mask))
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return ModelOutput(logits, loss, self.aux_loss(routing, logits), routing, gate)
 

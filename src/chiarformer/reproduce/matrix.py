@@ -121,6 +121,19 @@ PAPER_EPOCH_TOKENS = {"wikitext103": 122_000_000}
 WT2_EVAL = 11 * 25_000 + 286_000
 E2_SUBSET = {"smoke": (40, 8, 8), "cpu": (5000, 400, 1000), "paper": (0, 0, 0)}  # train/val/test reviews
 
+# E6's mixture per scale (--set overrides, data preparation). Published: WikiText-2, IMDB and LRA
+# ListOps beside WikiText-103, with probability 0.25 per step; cpu and smoke: see CPU_NOTES["E6"].
+_IMDB_TEXT = ("data.train_files=[{data}/train.txt]", "data.val_files=[{data}/val.txt]", "data.test_files=[{data}/test.txt]")
+MIX_SETS = {
+    "smoke": (("mix.tasks=[text,imdb,listops-flat]", "mix.prob=1.0", "mix.seq_len=32", *_IMDB_TEXT), "imdb-text"),
+    "cpu": (("mix.tasks=[text,imdb,listops-flat]", "mix.prob=0.25", *_IMDB_TEXT), "imdb-text"),
+    "paper": (("mix.tasks=[wikitext2,imdb,listops]", "mix.prob=0.25"), ""),
+}
+# For the estimates: extra training tokens per main token, 0.25 x the mean over the aux tasks of
+# their batch's tokens relative to the main batch's (aux LM 1, IMDB 8 x 256 / 16 x 256 = 0.5,
+# flat ListOps ~0.02), and the aux LM's test tokens.
+MIX_EXTRA = (0.13, 290_000)
+
 CPU_NOTES = {
     "all": [
         "paper-17m architecture (4 layers, d 256, 4 heads, FFN 1024, GPT-2 BPE, context 256, dropout 0.1) "
@@ -153,7 +166,17 @@ CPU_NOTES = {
            "600 steps of 32 (LRA: 96,000 expressions, 5,000 steps); paper-17m width, bidirectional attention."],
     "E6": ["Gate-only runs (no mixing): dct_attn with the causal MetaRouter vs the published batch-mean gate "
            "(NON-CAUSAL: lets each position see the future and other sequences; run with allow_noncausal), "
-           "2 epochs. Mixed-dataset runs are defined but need mixture training, which the engine lacks."],
+           "2 epochs.",
+           "Mixed runs (mixed-*): the same two gates and budget on the same main corpus (the WikiText-2 proxy), so "
+           "with and without mixing differ only by the mixture: at every step, with probability 0.25 (published), "
+           "one extra batch from an aux task drawn uniformly: IMDB review-text LM (E2's files: the naturalistic "
+           "LM beside the main one), IMDB sentiment (published encoding, 256 GPT-2 tokens) and the flat ListOps "
+           "toy (symbolic), each classification task with its own head (docs/training.md). Published: WikiText-103 "
+           "main with WikiText-2, IMDB and LRA ListOps as aux tasks; WikiText-103 is not here and the WikiText-2 "
+           "proxy is itself the main corpus, so the aux LM is the IMDB text and the test is on the main corpus "
+           "(WikiText-2 test) and on the IMDB text test. LRA ListOps is left out (inputs of 500-2000 tokens would "
+           "dominate a CPU step); the flat toy keeps a symbolic task. ~110 steps with ~27 extra batches: the "
+           "mixture's effect at this budget is small and may not show."],
     "E7": ["Analysis of E1's runs: the published calibration (33rd/67th percentiles of the trained baseline's "
            "token-embedding entropies, midpoint for two-operator layers) applied to the E1 dct_attn model, "
            "next to ours (the 75th percentile of each routed layer's own inputs); shares measured on 16 "
@@ -167,7 +190,8 @@ PAPER_NOTES = {"all": ["the published protocol (SPEC §2); needs a GPU and the d
 
 def _lm_run(scale: str, experiment: str, group: str, layout: str, seed: int, *, task: str = "wikitext2-proxy",
             sets: tuple[str, ...] = (), epochs: float | None = None, family: str = "lm", skip: str = "",
-            prepare: str = "", max_steps: int = 0) -> RunSpec:
+            prepare: str = "", max_steps: int = 0, extra: tuple[float, int] = (0.0, 0)) -> RunSpec:
+    """extra: (training tokens added per main token, evaluation tokens added), e.g. a mixture's."""
     b = LM[scale]
     preset = "tiny" if scale == "smoke" else "paper-17m"
     budget = []
@@ -177,9 +201,10 @@ def _lm_run(scale: str, experiment: str, group: str, layout: str, seed: int, *, 
     tokens = (max_steps * b.batch * b.seq_len) if max_steps else int((epochs or 1.0) * per_epoch)
     if scale == "smoke":
         tokens = 2 * b.batch * b.seq_len
+    eval_tokens = 0 if scale == "smoke" else WT2_EVAL + extra[1]
     return RunSpec(f"{experiment}-{group}-s{seed}", experiment, group, task, preset, layout,
-                   (*b.task_sets, *budget, *sets), seed, family, tokens,
-                   0 if scale == "smoke" else WT2_EVAL, skip, prepare)
+                   (*b.task_sets, *budget, *sets), seed, family, int(tokens * (1 + extra[0])),
+                   eval_tokens, skip, prepare)
 
 
 def _cls_run(scale: str, experiment: str, group: str, task: str, layout: str, seed: int, sets: tuple[str, ...],
@@ -261,12 +286,13 @@ def build_matrix(scale: str, seeds: int | None = None) -> Matrix:
             sets, tokens, eval_tokens = CLS_SETS[task][scale]
             for layout in ("baseline", "dct_attn"):
                 runs.append(_cls_run(scale, "E5", f"{task}-{layout}", task, layout, s, sets, tokens, eval_tokens))
-        # E6: the MetaRouter gate, causal and the published batch mean; mixing needs mixture training.
+        # E6: the MetaRouter gate, causal and the published batch mean, without and with mixing.
+        mix_sets, mix_prepare = MIX_SETS[scale]
         for group, sets in (("gate-causal", ("model.meta_router=causal",)),
                             ("gate-batch_mean", ("model.meta_router=batch_mean", "model.allow_noncausal=true"))):
             runs.append(_lm_run(scale, "E6", group, "dct_attn", s, task=e3_task, sets=sets, epochs=short))
-            runs.append(_lm_run(scale, "E6", f"mixed-{group}", "dct_attn", s, task=e3_task, sets=sets, epochs=short,
-                                skip="needs mixture training (not built yet)"))
+            runs.append(_lm_run(scale, "E6", f"mixed-{group}", "dct_attn", s, task=e3_task, sets=(*sets, *mix_sets),
+                                epochs=short, prepare=mix_prepare, extra=MIX_EXTRA))
         # E7: analysis over E1's pair of runs of this seed.
         analyses.append(Analysis(f"E7-calibration-s{s}", "E7", (f"E1-baseline-s{s}", f"E1-dct_attn-s{s}"), s))
     notes = {"smoke": SMOKE_NOTES, "cpu": CPU_NOTES, "paper": PAPER_NOTES}[scale]

@@ -216,6 +216,7 @@ def write_record(spec: RunSpec, scale: str, run_dir: Path, results_dir: Path, co
         "best": results.get("best"), "final_val": results.get("final_val"), "test": test,
         "op_share": op_share, "attn_shares": attn,
         "meta_gate": gates[-1] if gates else None,
+        "mixture": results.get("mixture"),  # mixed runs: aux tasks, extra batches, aux-LM test
         "tokens_per_s": results.get("tokens_per_s"), "tokens_seen": results.get("tokens_seen"),
         "train_time_s": results.get("train_time_s"),
         "unigram_ppl": unigram_ppl(cfg),

@@ -33,6 +33,7 @@ from . import dist as D
 from .datasets import BatchSampler, TaskData, shard
 from .display import Display, MetricsLog
 from .evaluate import eval_protocol, evaluate, improves, op_counts, selection_metric, shares
+from .mixture import Mixture, load_aux_data
 from .results import results_record
 from .run_config import RunConfig, diff
 from .runtime import autocast_for, pick_device, run_settings
@@ -77,7 +78,8 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 # ---------------------------------------------------------------------------- the trainer
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, data: TaskData, *, resume: bool = False,
-                 dist_info: D.DistInfo | None = None, quiet: bool = False, device: torch.device | None = None):
+                 dist_info: D.DistInfo | None = None, quiet: bool = False, device: torch.device | None = None,
+                 aux_data: dict[str, TaskData] | None = None):
         self.cfg, self.run_dir, self.data, self.resume = cfg, Path(run_dir), data, resume
         self.info = dist_info or D.DistInfo()
         self.kind = data.kind
@@ -108,6 +110,8 @@ class Trainer:
         self.model = build_model(cfg.model, self.kind).to(self.device)
         self.params = self.model.num_parameters()
         self.n_layers = cfg.model.n_layers
+        # Mixed-dataset training (train/mixture.py): its heads join the model before the optimizer.
+        self.mixture = Mixture(cfg, aux_data, self.model, self.info.world) if aux_data else None
         self.train_model = self._wrap(self.model)
         fused = {"fused": True} if self.device.type == "cuda" and not t.fsdp else {}
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
@@ -118,7 +122,8 @@ class Trainer:
         self.progress = Progress()
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", model=self.model, optimizer=self.optimizer,
                                  scaler=self.scaler, sampler=self.sampler, model_config=cfg.model.to_dict(),
-                                 task=cfg.task, device=self.device, info=self.info, fsdp=self.fsdp)
+                                 task=cfg.task, device=self.device, info=self.info, fsdp=self.fsdp,
+                                 mixture=self.mixture)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.info.is_main)
         self.display = Display(show=self.info.is_main and not quiet, progress=t.progress, kind=self.kind,
                                routed=cfg.model.routed_layers)
@@ -197,6 +202,9 @@ class Trainer:
                 stats[2] += (out.logits.detach().argmax(-1) == batch["labels"]).sum()
             if out.routing:
                 stats[4:] += op_counts(out.routing, batch.get("attention_mask")).flatten().double()
+        if self.mixture is not None:  # the extra batch's gradients add to the main batch's
+            self.mixture.train_extra(self.progress.step, self.model, micro=self.micro, device=self.device,
+                                     autocast=self.autocast, scaler=self.scaler)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
@@ -325,6 +333,10 @@ class Trainer:
                                  protocol=eval_protocol(self.data, self.cfg), select=self.select, progress=p,
                                  test_record=test_record, warmup=self.warmup, world=self.info.world,
                                  device=self.device, precision=self.precision)
+        if self.mixture is not None:
+            test = self.mixture.test(self.model, batch_size=self.eval_bs, device=self.device, autocast=self.autocast) \
+                if test_record is not None else {}
+            results["mixture"] = self.mixture.record(test)
         if self.info.is_main:
             atomic_write_json(self.run_dir / "results.json", results)
         D.barrier(self.info)
@@ -364,7 +376,7 @@ def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     """The one resume check of the config: the run's task, preset, model and data must be those it
     was saved with. The model fields the task fills in (vocabulary, classes, longest input) are
     left to the checkpoint itself, which Checkpointer.load_last compares once the task filled them."""
-    changed = diff(RunConfig.load(run_dir / "config.yaml"), cfg, sections=("task", "preset", "model", "data"))
+    changed = diff(RunConfig.load(run_dir / "config.yaml"), cfg, sections=("task", "preset", "model", "data", "mix"))
     changed = [c for c in changed if c.split(":")[0].removeprefix("model.") not in TASK_FILLED_FIELDS]
     if changed:
         raise UserError(f"the checkpoint in {run_dir} does not fit the config: {'; '.join(changed[:3])}")
@@ -387,17 +399,19 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, data: Ta
     with run_settings(cfg, info) as device:
         D.init(info, device)
         try:
-            def prepare(main: bool) -> TaskData:
+            def prepare(main: bool) -> tuple[TaskData, dict[str, TaskData]]:
                 # Rank 0 prepares (and caches) the data first; the others then read the cache.
                 task_data = data if data is not None else load_task_data(cfg, quiet=quiet or not main)
                 finalize_model_config(cfg, task_data)
+                aux = load_aux_data(cfg, task_data, quiet=quiet or not main)
                 if main:
                     run_dir.mkdir(parents=True, exist_ok=True)
                     cfg.save(run_dir / "config.yaml")
-                return task_data
+                return task_data, aux
 
-            data = _main_first(info, device, prepare)
-            trainer = Trainer(cfg, run_dir, data, resume=resume, dist_info=info, quiet=quiet, device=device)
+            data, aux = _main_first(info, device, prepare)
+            trainer = Trainer(cfg, run_dir, data, resume=resume, dist_info=info, quiet=quiet, device=device,
+                              aux_data=aux)
             return trainer.fit()
         finally:
             D.shutdown(info)

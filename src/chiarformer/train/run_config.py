@@ -8,6 +8,7 @@ A run is described by one `RunConfig`:
     train:  `TrainConfig` (optimiser, schedule, precision, logging, checkpoints)
     data:   `DataConfig` (context length, evaluation stride, data folder, task-specific sizes; the
             task-specific fields are the registry's task options, by the same names)
+    mix:    `MixConfig` (mixed-dataset training: auxiliary tasks and their rate; train/mixture.py)
 
 Resolution order, later wins: dataclass defaults < the preset's model < the task's published
 defaults (its train and data values, and model fields such as n_classes) < the YAML file
@@ -99,12 +100,26 @@ class DataConfig:
 
 
 @dataclass
+class MixConfig:
+    # auxiliary tasks mixed into LM training (published: [wikitext2, imdb, listops]); [] = no mixing.
+    # Each finds its data under data.data_dir and shares data.tokenizer, data.cache_dir and data.data_seed.
+    tasks: list = field(default_factory=list)
+    prob: float = 0.25  # chance per optimizer step of ONE extra batch from a task drawn uniformly from mix.tasks (published 0.25)
+    # sequences per extra batch; 0 = as published (LM: train.batch_size, classification: max(8, batch_size // 4))
+    batch_size: int = 0
+    seq_len: int = 0  # classification aux tasks: longest input; 0 = each task's published length (LM aux tasks: data.seq_len)
+    max_examples: int = 0  # classification aux tasks: use only the first N training examples; 0 = all
+    max_train_tokens: int = 0  # LM aux tasks: use only the first N training tokens; 0 = all
+
+
+@dataclass
 class RunConfig:
     task: str = "listops"  # what to train on: one of chiarformer.data.tasks.TASKS
     preset: str = "paper-17m"  # model preset the model section started from: a name in config.PRESETS
     model: ChiarConfig = field(default_factory=ChiarConfig)  # the model (every ChiarConfig field)
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation, precision, logging, checkpoints
     data: DataConfig = field(default_factory=DataConfig)  # data source and shapes
+    mix: MixConfig = field(default_factory=MixConfig)  # mixed-dataset training (auxiliary tasks); off by default
 
     # ------------------------------------------------------------------ dict / YAML round trip
     def to_dict(self) -> dict:
@@ -114,6 +129,7 @@ class RunConfig:
             "model": self.model.to_dict(),
             "train": dataclasses.asdict(self.train),
             "data": dataclasses.asdict(self.data),
+            "mix": dataclasses.asdict(self.mix),
         }
 
     @classmethod
@@ -134,7 +150,7 @@ class RunConfig:
         return cls.from_dict(read_yaml(path))
 
 
-SECTIONS = {"model": ChiarConfig, "train": TrainConfig, "data": DataConfig}
+SECTIONS = {"model": ChiarConfig, "train": TrainConfig, "data": DataConfig, "mix": MixConfig}
 TOP_LEVEL = ("task", "preset")
 
 
@@ -375,6 +391,8 @@ def validate_section(obj: Any, name: str) -> None:
             raise UserError(f"train.min_lr={obj.min_lr} exceeds train.lr={obj.lr}")
         if obj.max_steps == 0 and obj.epochs == 0:
             raise UserError("set train.max_steps or train.epochs to a positive value")
+    elif isinstance(obj, MixConfig):
+        positive("batch_size", "seq_len", "max_examples", "max_train_tokens", allow_zero=True)
     elif isinstance(obj, DataConfig):
         positive("seq_len")
         positive("eval_stride", "max_train_tokens", "max_examples", "workers", "listops_min_length", allow_zero=True)
@@ -398,7 +416,24 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     validate_section(cfg.train, "train")
     validate_section(cfg.data, "data")
+    validate_mix(cfg)
     cfg.model.validate()
+
+
+def validate_mix(cfg: RunConfig) -> None:
+    m = cfg.mix
+    if not 0.0 <= m.prob <= 1.0:
+        raise UserError(f"mix.prob must be between 0 and 1, got {m.prob}")
+    validate_section(m, "mix")
+    if not m.tasks:
+        return
+    for name in m.tasks:
+        if not isinstance(name, str) or name not in TASKS:
+            raise UserError(f"mix.tasks: unknown task {name!r}; choose from {', '.join(TASKS)}")
+    if len(set(m.tasks)) != len(m.tasks) or cfg.task in m.tasks:
+        raise UserError(f"mix.tasks={m.tasks} must name each auxiliary task once, and not the main task {cfg.task!r}")
+    if task_spec(cfg.task).kind != "lm":
+        raise UserError(f"mix.tasks needs a language-model main task; {cfg.task!r} is a classification task")
 
 
 # ---------------------------------------------------------------------------- resolution

@@ -27,6 +27,7 @@ from ..model import build_model
 from . import checkpoint as C
 from .dist import DistInfo
 from .evaluate import eval_protocol, evaluate
+from .mixture import AUX_HEADS
 from .run_config import RunConfig
 from .runtime import autocast_for, pick_device
 from .task_data import finalize_model_config, load_task_data, tokenizer_for
@@ -83,6 +84,8 @@ def load_run(run_dir: str | Path, which: str = "best", device: str | torch.devic
                             f"{', '.join(sorted(differing))}")
         model_cfg = ChiarConfig.from_dict(saved)
     model = build_model(model_cfg, kind)
+    # A mixed run's classification heads serve only its training; the LM head is the model.
+    state = {k: v for k, v in state.items() if not k.startswith(f"{AUX_HEADS}.")}
     C.load_into_model(model, state, ckpt)
     model.to(torch.device(device) if not isinstance(device, torch.device) else device).eval()
     try:

@@ -36,9 +36,10 @@ class Checkpointer:
     """Saves and restores one run's checkpoints under `root` (run_dir/checkpoints)."""
 
     def __init__(self, root: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, sampler: BatchSampler,
-                 model_config: dict, task: str, device: torch.device, info: D.DistInfo, fsdp: bool):
+                 model_config: dict, task: str, device: torch.device, info: D.DistInfo, fsdp: bool, mixture=None):
         self.root, self.model, self.optimizer, self.scaler, self.sampler = Path(root), model, optimizer, scaler, sampler
         self.model_config, self.task, self.device, self.info, self.fsdp = model_config, task, device, info, fsdp
+        self.mixture = mixture  # train/mixture.py's Mixture of a mixed run (its samplers' positions), else None
 
     # ------------------------------------------------------------------ saving
     def save(self, which: str, progress: Progress, schedule: dict) -> None:
@@ -75,6 +76,8 @@ class Checkpointer:
                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                     "world_size": self.info.world,
                 }
+                if self.mixture is not None:
+                    state["mixture"] = self.mixture.state()
                 (tmp / "state.json").write_text(json.dumps(state, indent=1))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
@@ -106,6 +109,8 @@ class Checkpointer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state(state["data"])
+        if self.mixture is not None:
+            self.mixture.load_state(state.get("mixture"))
         return Progress(step=int(state["step"]), tokens_seen=int(state["tokens_seen"]),
                         train_time=float(state.get("train_time_s", 0.0)), best=state.get("best"),
                         last_val=state.get("last_val"))
