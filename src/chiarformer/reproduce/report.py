@@ -312,6 +312,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot_groups(groups, path: Path, title: str, ylabel: str, scale_by: float = 1.0) -> Path | None:
     points = {g: [test_metric(r) for r in rs if test_metric(r) is not None] for g, rs in groups.items()}
     points = {g: v for g, v in points.items() if v}
@@ -326,10 +333,7 @@ def plot_groups(groups, path: Path, title: str, ylabel: str, scale_by: float = 1
     ax.set_xticks(range(len(points)), list(points), rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_e3_shares(groups, path: Path) -> Path | None:
@@ -353,10 +357,7 @@ def plot_e3_shares(groups, path: Path) -> Path | None:
         return None
     axes[0][0].set_ylabel("share of tokens (layers 2-3)", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_e6_gate(groups, path: Path) -> Path | None:
@@ -376,10 +377,7 @@ def plot_e6_gate(groups, path: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("MetaRouter gate")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # --------------------------------------------------------------------------- the document

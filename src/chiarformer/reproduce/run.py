@@ -24,6 +24,7 @@ from ..atomic import atomic_write_json, atomic_write_text
 from ..data import load_imdb
 from ..errors import UserError
 from ..flops import compare
+from ..operators import ATTN
 from ..train.loop import train
 from ..train.metrics import read_metrics
 from ..train.run_config import RunConfig, resolve
@@ -45,16 +46,18 @@ def record_path(results: Path, scale: str, name: str) -> Path:
     return results / scale / f"{name}.json"
 
 
+def _sets(spec: RunSpec, data_dir: Path) -> list[str]:
+    return [s.replace("{data}", str(data_dir)) for s in spec.all_sets()]
+
+
 def run_command(spec: RunSpec, run_dir: Path, data_dir: Path) -> list[str]:
     """The exact `chiar train` command of one run (what the runner executes in-process)."""
-    sets = [s.replace("{data}", str(data_dir)) for s in spec.all_sets()]
     return ["chiar", "train", "--task", spec.task, "--preset", spec.preset, "--model", spec.layout,
-            *[x for s in sets for x in ("--set", s)], "--out", str(run_dir)]
+            *[x for s in _sets(spec, data_dir) for x in ("--set", s)], "--out", str(run_dir)]
 
 
 def run_config(spec: RunSpec, data_dir: Path) -> RunConfig:
-    sets = [s.replace("{data}", str(data_dir)) for s in spec.all_sets()]
-    return resolve(spec.task, spec.preset, spec.layout, None, sets)
+    return resolve(spec.task, spec.preset, spec.layout, None, _sets(spec, data_dir))
 
 
 # --------------------------------------------------------------------------- the plan
@@ -201,7 +204,7 @@ def write_record(spec: RunSpec, scale: str, run_dir: Path, results_dir: Path, co
     test = results.get("test") or {}
     op_share = test.get("op_share")
     routed = cfg.model.routed_layers
-    attn = [op_share[i][1] for i in routed] if op_share and routed else None
+    attn = [op_share[i][ATTN] for i in routed] if op_share and routed else None
     gates = [p["meta_gate"] for p in curves["train"] if p.get("meta_gate") is not None]
     record = {
         "name": spec.name, "experiment": spec.experiment, "group": spec.group, "seed": spec.seed, "scale": scale,

@@ -73,13 +73,13 @@ class Display:
         else:
             print(text, file=sys.stderr, flush=True)
 
-    def stepped(self, step: int, total: int, train_time: float, step_loss) -> None:
+    def stepped(self, step: int, total: int, train_time: float, stats) -> None:
         """After each optimizer step: advance the bar, or print a plain line once PROGRESS_S have
-        passed. step_loss (a 0-d tensor) is read, a host sync, only when a line is due."""
+        passed. stats (the step's loss * n, n, ... tensor) is read, a host sync, only when a line is due."""
         if self.bar is not None:
             self.bar.update(1)
         elif self.last_line is not None and time.monotonic() - self.last_line >= PROGRESS_S:
-            self.say(f"step {step}/{total}: loss {float(step_loss):.4f} (this step), {train_time:.0f} s of training")
+            self.say(f"step {step}/{total}: loss {float(stats[0] / stats[1]):.4f} (this step), {train_time:.0f} s of training")
             self.last_line = time.monotonic()
 
     def train_window(self, rec: dict) -> None:

@@ -296,8 +296,7 @@ class Trainer:
                     self.display.validation(self.validate_and_save(full=p.step == self.max_steps))
                 if ckpt_due:
                     self.save_checkpoint("last")
-                stats = out["stats"]
-                self.display.stepped(p.step, self.max_steps, p.train_time, stats[0] / stats[1])
+                self.display.stepped(p.step, self.max_steps, p.train_time, out["stats"])
             return self.finish()
         finally:
             self.display.close()
