@@ -7,7 +7,10 @@
    taus. Two shapes: vocab 50257, T 256, batch 8 (paper-17m) and vocab 32, T 2048, batch 2.
    One training step = forward, backward and AdamW step, fp32, dropout 0.1 in every model.
 2. Greedy decoding, batch 1, a 16-token prompt and 128 new tokens, paper-17m: routed vs baseline.
-3. With --compile: the capacity-routed and baseline training steps (forward+backward) compiled
+3. Causal attention with dropout 0.1 (training), forward+backward, at several context lengths:
+   SDPA (no fused kernel with dropout on CPU) vs the query blocks that replace it in training
+   on CPU (sparse.full_causal_blocks); 4 heads of 64, 4096 tokens per batch.
+4. With --compile: the capacity-routed and baseline training steps (forward+backward) compiled
    with torch.compile(fullgraph=True, dynamic=False) vs eager, vocab 32, T 2048, batch 2.
 
 Weights are random (calibration runs on random token windows); every variant is timed in one
@@ -23,11 +26,13 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 
 from chiarformer import ChiarConfig, ChiarForCausalLM
 from chiarformer.analysis.calibrate import calibrate_hidden
 from chiarformer.analysis.common import Batch, collect_routing
 from chiarformer.operators import ATTN
+from chiarformer.sparse import full_causal_blocks
 
 from bench_routing import race  # interleaved medians, shared with the routing benchmark
 
@@ -135,6 +140,23 @@ def bench_decoding(args) -> None:
             SUMMARY.append((f"decoding, {name} vs baseline", f"{base / sec:.2f}x", ">= 0.95x"))
 
 
+def bench_dropout_attention(args) -> None:
+    print("\n## Causal attention with dropout 0.1, fwd+bwd, fp32, 4 heads x 64, 4096 tokens per batch")
+    print("| T | batch | SDPA ms | query blocks ms | blocks vs SDPA |")
+    print("|---|---|---|---|---|")
+    for t in (32, 64, 128, 256, 512, 1024, 2048):
+        g = torch.Generator().manual_seed(args.seed)
+        q, k, v = (torch.randn(4096 // t, 4, t, 64, generator=g).requires_grad_() for _ in range(3))
+
+        def run(attend, q=q, k=k, v=v):
+            return lambda: attend(q, k, v).sum().backward()
+
+        runs = {"sdpa": run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1)),
+                "blocks": run(lambda q, k, v: full_causal_blocks(q, k, v, 0.1))}
+        med = race(runs, args.repeats, "cpu")
+        print(f"| {t} | {4096 // t} | {med['sdpa'] * 1e3:.1f} | {med['blocks'] * 1e3:.1f} | {med['sdpa'] / med['blocks']:.2f}x |")
+
+
 def bench_compile(args) -> None:
     vocab, t, batch = 32, 2048, 2
     _, capacity, _ = calibrated_pair(vocab, t, args.attn, args.capacity_factor, args.seed)
@@ -173,6 +195,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice, all cores)")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--skip-decoding", action="store_true")
+    p.add_argument("--skip-attention", action="store_true", help="skip the attention-with-dropout rows")
     args = p.parse_args()
     if args.threads:  # on a loaded machine one thread per process avoids OpenMP threads waiting on each other
         torch.set_num_threads(args.threads)
@@ -182,6 +205,8 @@ def main() -> None:
         bench_training(args)
     if not args.skip_decoding:
         bench_decoding(args)
+    if not args.skip_attention:
+        bench_dropout_attention(args)
     if args.compile:
         bench_compile(args)
     print(f"\n## Summary ({time.perf_counter() - start:.0f} s)")

@@ -163,6 +163,20 @@ def test_capacity_training_step_compiles_as_one_graph(layout):
         torch.testing.assert_close(gc, ge, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_training_with_attention_dropout_compiles_as_one_graph():
+    """The blocked causal attention that replaces SDPA under dropout on CPU has static shapes."""
+    from chiarformer.layers import BLOCKED_DROPOUT_MIN_T
+
+    torch._dynamo.reset()
+    cfg = ChiarConfig(vocab_size=97, d_model=32, n_heads=2, n_layers=2, max_seq_len=256, dropout=0.1, layout="baseline")
+    model = build(ChiarForCausalLM, cfg, 1).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, BLOCKED_DROPOUT_MIN_T))
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    compiled(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
 def test_calibration_sets_capacity_routing_taus():
     from chiarformer.analysis.calibrate import calibrate_hidden
     from chiarformer.analysis.common import Batch

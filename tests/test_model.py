@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from chiarformer import ChiarConfig, ChiarForCausalLM, ChiarForSequenceClassification
+from chiarformer import ChiarConfig, ChiarForCausalLM, ChiarForSequenceClassification, layers
 from chiarformer.errors import UserError
-from chiarformer.layers import rope
+from chiarformer.layers import BLOCKED_DROPOUT_MIN_T, rope
 from chiarformer.operators import ATTN, DCT, RBF
+from chiarformer.sparse import full_causal_blocks
 
 LAYOUTS = ["baseline", "dct_attn", "three_op", "dct_only", "D,DA,DRA,A", "DA,RA,A"]
 CAUSAL_ROUTINGS = ["threshold", "soft", "hard"]
@@ -251,6 +252,65 @@ def test_every_causal_configuration_is_causal(seed):
         assert_routes(model(ids, return_routing=True).routing, cfg)
     for _ in range(3):
         assert assert_causal(model, model.cfg, rng) < 1e-5, model.cfg
+
+
+# ---------------------------------------------------------------- attention dropout on CPU
+@pytest.mark.parametrize("t", [5, 16, 130, 300])
+def test_full_causal_blocks_match_the_fused_kernel(t):
+    g = torch.Generator().manual_seed(t)
+    q, k, v = (torch.randn(2, 3, t, 8, generator=g, requires_grad=True) for _ in range(3))
+    blocked = full_causal_blocks(q, k, v, 0.0)
+    fused = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(blocked, fused, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(blocked.shape, generator=g)
+    grads_blocked = torch.autograd.grad((blocked * weights).sum(), (q, k, v))
+    grads_fused = torch.autograd.grad((fused * weights).sum(), (q, k, v))
+    for a, b in zip(grads_blocked, grads_fused, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_blocked_dropout_attention_draws_like_sdpa():
+    """Per output element, the mean and spread over dropout draws match SDPA's own dropout, and
+    the mean is the attention without dropout (inverted dropout is unbiased)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 128, 4, generator=g) for _ in range(3))
+    draws = 400
+    torch.manual_seed(1)
+    blocked = torch.stack([full_causal_blocks(q, k, v, 0.3) for _ in range(draws)])
+    sdpa = torch.stack([F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.3) for _ in range(draws)])
+    exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    std_b, std_s = blocked.std(0), sdpa.std(0)
+    assert std_s.mean() > 0.05  # the draws really vary
+    standard_error = (std_b**2 / draws + std_s**2 / draws).sqrt() + 1e-6
+    assert ((blocked.mean(0) - sdpa.mean(0)).abs() / standard_error).max() < 5
+    assert ((blocked.mean(0) - exact).abs() / (std_b / draws**0.5 + 1e-6)).max() < 5
+    assert 0.9 < (std_b.mean() / std_s.mean()).item() < 1.1
+
+
+@pytest.mark.parametrize("layout", ["baseline", "dct_attn"])
+def test_training_with_dropout_takes_the_blocked_path_and_stays_causal(layout, monkeypatch):
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape[2])
+        return full_causal_blocks(*args)
+
+    monkeypatch.setattr(layers, "full_causal_blocks", counted)
+    cfg = random_config(random.Random(5), layout=layout, routing="threshold", dropout=0.1, max_seq_len=256,
+                        meta_router="none")
+    model = build(ChiarForCausalLM, cfg).train()
+    t = BLOCKED_DROPOUT_MIN_T + 16
+    ids = torch.randint(0, cfg.vocab_size, (2, t))
+    changed = ids.clone()
+    changed[0, 100:] = torch.randint(0, cfg.vocab_size, (t - 100,))
+    torch.manual_seed(3)
+    a = model(ids).logits
+    torch.manual_seed(3)
+    b = model(changed).logits
+    assert calls and set(calls) == {t}
+    assert (a[0, :100] - b[0, :100]).abs().max() < 1e-5 and (a[1] - b[1]).abs().max() < 1e-5
+    torch.manual_seed(4)
+    assert (model(ids).logits - a).abs().max() > 1e-3  # dropout is on: another draw differs
 
 
 NONCAUSAL = [

@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import dct, dct_matrix, idct, resolve_impl
-from .sparse import causal_attention
+from .sparse import causal_attention, full_causal_blocks
+
+# Training with attention dropout on CPU from this context length on: query blocks over key
+# prefixes (sparse.full_causal_blocks) instead of SDPA, which has no fused kernel for dropout
+# there and scores all T x T pairs. Below it the blocks' fixed costs win (measured crossover
+# between T 64 and 128: `benchmarks/bench_peers.py`, docs/benchmarks.md).
+BLOCKED_DROPOUT_MIN_T = 128
 
 # Chunk length of the causal linear-time RBF kernel attention.
 RBF_CHUNK = 64
@@ -180,7 +186,9 @@ class TokenMixer(nn.Module):
         dropout = self.dropout if self.training else 0.0
         n_q, n_k = q.shape[2], k.shape[2]
         full_causal = causal and key_mask is None and n_q == n_k and q_pos.dim() == 1
-        if full_causal:  # every position queries: the fused causal kernel
+        if full_causal:  # every position queries
+            if dropout and q.device.type == "cpu" and n_q >= BLOCKED_DROPOUT_MIN_T:
+                return full_causal_blocks(q, k, v, dropout)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         if not causal:
             mask = None if key_mask is None else key_mask[:, None, None, :]
