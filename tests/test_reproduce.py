@@ -220,3 +220,26 @@ def test_paper_scale_is_the_published_protocol_and_plans_without_data(tmp_path, 
     # Running it here stops at the loaders' one-line error naming `chiar download`.
     assert main(["reproduce", "--scale", "paper", "--only", "E2", "--seeds", "1", *common]) == 2
     assert "chiar download wikitext103" in capsys.readouterr().err
+
+
+def test_report_withholds_a_verdict_that_rests_on_a_run_that_did_not_learn(tmp_path):
+    from chiarformer.reproduce.report import write_report
+
+    def record(group, seed, ppl):
+        return {"name": f"E1-{group}-s{seed}", "experiment": "E1", "group": group, "seed": seed, "family": "lm",
+                "test": {"ppl": ppl}, "unigram_ppl": 2000.0, "attn_shares": [0.25, 0.25] if group != "baseline" else []}
+
+    (tmp_path / "cpu").mkdir()
+    learned = [record("baseline", s, 700.0 + s) for s in range(3)] + [record("dct_attn", s, 900.0 + s) for s in range(3)]
+    for r in learned:
+        (tmp_path / "cpu" / f"{r['name']}.json").write_text(json.dumps(r))
+    claims = tmp_path / "claims.md"
+
+    def e1_row():
+        write_report(tmp_path, "cpu", claims, tmp_path / "figures")
+        return next(line for line in claims.read_text().splitlines() if line.startswith("| **E1**"))
+
+    assert "| supported" in e1_row() and "did not learn" not in e1_row()
+    stuck = record("dct_attn", 2, 1500.0)  # above half the unigram PPL of its data
+    (tmp_path / "cpu" / "E1-dct_attn-s2.json").write_text(json.dumps(stuck))
+    assert "no verdict: E1-dct_attn-s2 did not learn" in e1_row()

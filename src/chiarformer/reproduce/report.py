@@ -25,6 +25,10 @@ from .run import TOKENS_PER_S, estimate_s
 SUPPORTED, CONTRADICTED, NO_DIFF = "supported", "contradicted", "no detectable difference at this scale"
 NOT_TESTABLE, NOT_RUN = "not testable here", "not run yet"
 ALPHA = 0.05
+# An LM run has clearly learned when its test PPL is below this share of the unigram PPL of its
+# data (the issue's "far below the unigram PPL"); a verdict that rests on a run that has not is
+# withheld, since a model stuck at the unigram solution says nothing about its operators.
+LEARNED_RATIO = 0.5
 
 
 def load_records(results: Path, scale: str) -> dict[str, dict]:
@@ -44,6 +48,16 @@ def by_group(records: dict[str, dict], experiment: str) -> dict[str, list[dict]]
         if r.get("experiment") == experiment and "group" in r:
             groups.setdefault(r["group"], []).append(r)
     return {g: sorted(rs, key=lambda r: r["seed"]) for g, rs in groups.items()}
+
+
+def unlearned(records) -> list[str]:
+    """Names of the LM runs among records whose test PPL is not below LEARNED_RATIO x unigram PPL."""
+    out = []
+    for r in records:
+        ppl, unigram = (r.get("test") or {}).get("ppl"), r.get("unigram_ppl")
+        if ppl is not None and unigram and ppl >= LEARNED_RATIO * unigram:
+            out.append(r.get("name", "?"))
+    return sorted(out)
 
 
 def test_metric(record: dict) -> float | None:
@@ -382,8 +396,8 @@ def plot_e6_gate(groups, path: Path) -> Path | None:
 
 # --------------------------------------------------------------------------- the document
 def runs_table(records: dict[str, dict]) -> list[str]:
-    lines = ["| run | test | attention share (routed layers) | tokens/s | -attention MACs | -total MACs | command |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | test | test / unigram PPL | attention share (routed layers) | tokens/s | -attention MACs | "
+             "-total MACs | command |", "|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(records.items()):
         if "group" not in r:
             continue
@@ -393,7 +407,8 @@ def runs_table(records: dict[str, dict]) -> list[str]:
         f = r.get("flops") or {}
         red = (f"{100 * f['attention_reduction']:.1f}%", f"{100 * f['total_reduction']:.1f}%") if f else ("-", "-")
         tok = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
-        lines.append(f"| {name} | {metric} | {_shares(r)} | {tok} | {red[0]} | {red[1]} | `{r.get('command', '')}` |")
+        ratio = f"{test['ppl'] / r['unigram_ppl']:.2f}" if test.get("ppl") and r.get("unigram_ppl") else "-"
+        lines.append(f"| {name} | {metric} | {ratio} | {_shares(r)} | {tok} | {red[0]} | {red[1]} | `{r.get('command', '')}` |")
     return lines
 
 
@@ -445,6 +460,10 @@ def write_report(results: Path, scale: str, claims_md: Path, figures: Path) -> l
         "|---|---|---|---|---|",
     ]
     for row in rows:
+        stuck = unlearned(r for r in records.values() if r.get("experiment") == row.claim)
+        if stuck:
+            row.verdict = (f"no verdict: {', '.join(stuck)} did not learn (test PPL not below "
+                           f"{LEARNED_RATIO:.0%} of the unigram PPL); the comparison as run: {row.verdict}")
         if row.verdict.startswith(NOT_RUN) and row.claim not in ("E7", "E8"):
             row.verdict += f"; at paper scale: {_paper_command(row.claim)}"
         lines.append(f"| **{row.claim}** {CLAIMS[row.claim].title} | {CLAIMS[row.claim].paper} | {row.ours} | "
