@@ -177,10 +177,13 @@ def test_reproduce_smoke_end_to_end(tmp_path, monkeypatch, capsys):
     assert "interrupted: resumes" in text
     assert "E1-baseline-s0: done" in text and "E1-dct_attn-s0: resuming from step 1" in text
     assert "skipped" not in text  # every run of the matrix is built now, E6's mixed ones included
+    # E7 runs right after the E1 pair it reads, before the next experiment's runs.
+    assert text.index("E7-calibration-s0: published calibration") < text.index("E2-baseline-s0: training")
     for spec in runnable:
         record = json.loads((results / "smoke" / f"{spec.name}.json").read_text())
         assert record["test"] and record["protocol"]["steps"] == 2
         assert record["command"].startswith("chiar train --task " + spec.task)
+        assert record["code"]["torch"] == torch.__version__ and record["tokens_per_s"] > 0
     e7 = json.loads((results / "smoke" / "E7-calibration-s0.json").read_text())
     assert e7["paper"]["layers"] and e7["ours"]["layers"]
     assert json.loads((results / "smoke" / "E6-gate-causal-s0.json").read_text())["meta_gate"] is not None
@@ -201,6 +204,10 @@ def test_reproduce_smoke_end_to_end(tmp_path, monkeypatch, capsys):
         assert sum(line.startswith(f"| **{claim}**") for line in doc.splitlines()) == 1
     assert "not testable here" in doc and "chiar reproduce --scale paper --only E2" in doc
     assert any(figures.glob("*.png"))
+
+    # The records alone mark the runs done: run folders do not outlive the session that trained them.
+    assert main(args) == 0
+    assert "0 run(s) trained" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not SHARED_TOKENIZER.is_dir(), reason="shared GPT-2 tokenizer absent")

@@ -13,11 +13,13 @@ import json
 import math
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..analysis.calibrate import calibrate_run
 from ..atomic import atomic_write_json, atomic_write_text
@@ -27,6 +29,7 @@ from ..flops import compare
 from ..operators import ATTN
 from ..train.loop import train
 from ..train.metrics import read_metrics
+from ..train.results import package_version
 from ..train.run_config import RunConfig, resolve
 from ..train.task_data import load_task_data
 from .matrix import CLAIMS, E2_SUBSET, Analysis, Matrix, RunSpec, build_matrix, select
@@ -92,9 +95,11 @@ def _duration(seconds: float) -> str:
 
 
 def status_of(spec: RunSpec, out: Path, results: Path, scale: str) -> str:
+    """The record alone marks a run done: it is what gets committed, and run folders (checkpoints)
+    do not outlive the machine or session that trained them."""
     if spec.skip:
         return "skip"
-    if record_path(results, scale, spec.name).is_file() and (out / scale / spec.name / "results.json").is_file():
+    if record_path(results, scale, spec.name).is_file():
         return "done"
     if (out / scale / spec.name / "results.json").is_file():
         return "record"  # finished, record missing: written without training
@@ -196,6 +201,27 @@ def flops_at(cfg: RunConfig, shares: list[float] | None) -> dict | None:
             "convention": "analytic MACs, causal keys, DCT as executed (matmul), at the test split's shares"}
 
 
+def code_version() -> dict:
+    """Which code produced a record: the git commit of the source tree (with '-dirty' when it had
+    uncommitted changes) and the package and torch versions."""
+    src = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=src.parent,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    return {"commit": (commit + ("-dirty" if dirty else "")) or None, "chiarformer": package_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def window_rate(metrics: list[dict]) -> float | None:
+    """Median training tokens/s over the logged windows: robust to a pause or a burst of other
+    load, unlike the whole run's mean."""
+    rates = [m["tokens_per_s"] for m in metrics if m.get("kind") == "train" and m.get("tokens_per_s")]
+    return float(np.median(rates)) if rates else None
+
+
 def write_record(spec: RunSpec, scale: str, run_dir: Path, results_dir: Path, command: list[str]) -> dict:
     results = _read_json(run_dir / "results.json") or {}
     cfg = RunConfig.load(run_dir / "config.yaml")
@@ -220,12 +246,14 @@ def write_record(spec: RunSpec, scale: str, run_dir: Path, results_dir: Path, co
         "op_share": op_share, "attn_shares": attn,
         "meta_gate": gates[-1] if gates else None,
         "mixture": results.get("mixture"),  # mixed runs: aux tasks, extra batches, aux-LM test
-        "tokens_per_s": results.get("tokens_per_s"), "tokens_seen": results.get("tokens_seen"),
+        "tokens_per_s": window_rate(metrics), "tokens_per_s_mean": results.get("tokens_per_s"),
+        "tokens_seen": results.get("tokens_seen"),
         "train_time_s": results.get("train_time_s"),
         "unigram_ppl": unigram_ppl(cfg),
         "flops": flops_at(cfg, attn),
         "curves": curves,
         "config": cfg.to_dict(),
+        "code": code_version(),
     }
     path = record_path(results_dir, scale, spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,12 +301,22 @@ def _summary(record: dict) -> str:
     return text
 
 
+def in_order(matrix: Matrix) -> list[RunSpec | Analysis]:
+    """The runs in matrix order, each analysis right after the last run it reads (so it runs while
+    their folders exist)."""
+    steps: list[RunSpec | Analysis] = list(matrix.runs)
+    for a in matrix.analyses:
+        after = max((i for i, r in enumerate(steps) if isinstance(r, RunSpec) and r.name in a.needs), default=len(steps) - 1)
+        steps.insert(after + 1, a)
+    return steps
+
+
 def run_matrix(matrix: Matrix, out: Path, results_dir: Path, verbose: bool = False) -> int:
     """Run every run that is not complete, in matrix order; returns the number of runs trained."""
     scale = matrix.scale
     data_dir = out / scale / "data" / "imdb-text"
     trained = 0
-    steps = [*matrix.runs, *matrix.analyses]
+    steps = in_order(matrix)
     for i, item in enumerate(steps, 1):
         position = f"[{i}/{len(steps)}]"
         if isinstance(item, Analysis):
@@ -287,7 +325,10 @@ def run_matrix(matrix: Matrix, out: Path, results_dir: Path, verbose: bool = Fal
                 continue
             missing = [n for n in item.needs if not (out / scale / n / "results.json").is_file()]
             if missing:
-                _say(f"{position} {item.name}: waits for {', '.join(missing)}")
+                gone = [n for n in missing if record_path(results_dir, scale, n).is_file()]
+                why = (f"the run folders of {', '.join(gone)} are gone (only their records were kept); delete "
+                       f"those records to train them again" if gone else f"waits for {', '.join(missing)}")
+                _say(f"{position} {item.name}: {why}")
                 continue
             _say(f"{position} {item.name}: calibrating ...")
             rec = calibration_analysis(item, scale, out, results_dir)
