@@ -24,7 +24,7 @@ from chiarformer import ChiarConfig, ChiarForCausalLM
 from chiarformer.flops import MIXING, count_flops, entropy_macs, training_macs
 from chiarformer.operators import ATTN
 from chiarformer.ops import resolve_impl
-from chiarformer.sparse import merge_rows
+from chiarformer.sparse import merge_rows, sparse_attention
 
 
 def timed(fn, device: str) -> float:
@@ -90,7 +90,7 @@ def routed_bound_step(layer, h, pos, pass_dct_tokens: bool):
     def step():
         h.grad = None
         k, v = layer.mixer.keys_values(h, pos)
-        rows, y = layer.sparse_attention(h, selected, k, v, pos, None)
+        rows, y = sparse_attention(layer.mixer, layer.causal, h, selected, k, v, pos, None)
         if pass_dct_tokens:
             y = merge_rows(b * t, [dct_rows, rows], [h.reshape(b * t, d).index_select(0, dct_rows), y])
         y.sum().backward()

@@ -5,6 +5,7 @@ quickstart's tokens/s (median, noisy, load warning) and progress lines when outp
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -87,3 +88,10 @@ def test_quickstart_warns_under_load_and_shows_progress_off_a_terminal(tmp_path,
     assert "train tokens/s (median, noisy)" in captured.out
     assert "WARNING: the machine's load average reached 64.0" in captured.out
     assert "step 3/4: loss" in captured.err
+
+
+def test_quickstart_does_not_count_its_own_threads_as_load(tmp_path, monkeypatch, capsys):
+    busy = float(os.cpu_count() or 1)  # the run's own threads on every core, nothing else
+    monkeypatch.setattr("os.getloadavg", lambda: (busy, busy, busy))
+    quickstart.run_quickstart(steps=2, n_train=64, n_eval=32, out=str(tmp_path / "qs"))
+    assert "WARNING" not in capsys.readouterr().out

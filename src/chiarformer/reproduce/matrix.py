@@ -184,7 +184,8 @@ CPU_NOTES = {
            "next to ours (the 75th percentile of each routed layer's own inputs); shares measured on 16 "
            "validation batches of 8."],
     "E8": ["`chiar flops` (analytic MACs, causal keys, DCT as executed) at each run's achieved test shares, "
-           "plus each run's measured training tokens/s (rough: it depends on the load of the machine)."],
+           "plus each run's measured training tokens/s (the median over its logged windows; rough: "
+           "it depends on the load of the machine)."],
 }
 SMOKE_NOTES = {"all": ["smoke scale: tiny dimensions (preset tiny), a few steps; numbers mean nothing."]}
 PAPER_NOTES = {"all": ["the published protocol (SPEC §2); needs a GPU and the data (`chiar download`)."]}

@@ -397,7 +397,7 @@ def plot_e6_gate(groups, path: Path) -> Path | None:
 # --------------------------------------------------------------------------- the document
 def runs_table(records: dict[str, dict]) -> list[str]:
     lines = ["| run | test | test / unigram PPL | attention share (routed layers) | tokens/s | -attention MACs | "
-             "-total MACs | command |", "|---|---|---|---|---|---|---|---|"]
+             "-total MACs | code | command |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(records.items()):
         if "group" not in r:
             continue
@@ -408,7 +408,9 @@ def runs_table(records: dict[str, dict]) -> list[str]:
         red = (f"{100 * f['attention_reduction']:.1f}%", f"{100 * f['total_reduction']:.1f}%") if f else ("-", "-")
         tok = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         ratio = f"{test['ppl'] / r['unigram_ppl']:.2f}" if test.get("ppl") and r.get("unigram_ppl") else "-"
-        lines.append(f"| {name} | {metric} | {ratio} | {_shares(r)} | {tok} | {red[0]} | {red[1]} | `{r.get('command', '')}` |")
+        commit = ((r.get("code") or {}).get("commit") or "-")[:7] + ("-dirty" if "dirty" in str(r.get("code")) else "")
+        lines.append(f"| {name} | {metric} | {ratio} | {_shares(r)} | {tok} | {red[0]} | {red[1]} | {commit} | "
+                     f"`{r.get('command', '')}` |")
     return lines
 
 
