@@ -9,6 +9,7 @@ interrupted, and write each finished run's small record (no checkpoints) for the
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shlex
@@ -201,9 +202,11 @@ def flops_at(cfg: RunConfig, shares: list[float] | None) -> dict | None:
             "convention": "analytic MACs, causal keys, DCT as executed (matmul), at the test split's shares"}
 
 
+@functools.cache
 def code_version() -> dict:
     """Which code produced a record: the git commit of the source tree (with '-dirty' when it had
-    uncommitted changes) and the package and torch versions."""
+    uncommitted changes) and the package and torch versions, read once when the runner starts
+    (the code it runs is the code it imported then)."""
     src = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -372,6 +375,7 @@ def run_matrix(matrix: Matrix, out: Path, results_dir: Path, verbose: bool = Fal
 def main(args) -> int:
 
     out, results_dir = Path(args.out), Path(args.results)
+    code_version()
     matrix = select(build_matrix(args.scale, args.seeds), args.only)
     _say(plan_text(matrix, out, results_dir))
     if args.plan:
