@@ -204,6 +204,7 @@ def test_reproduce_smoke_end_to_end(tmp_path, monkeypatch, capsys):
         assert sum(line.startswith(f"| **{claim}**") for line in doc.splitlines()) == 1
     assert "not testable here" in doc and "chiar reproduce --scale paper --only E2" in doc
     assert any(figures.glob("*.png"))
+    assert (figures / "smoke-E1-curves.png").is_file() and "[curves](" in doc  # every LM run's learning curve
 
     # The records alone mark the runs done: run folders do not outlive the session that trained them.
     assert main(args) == 0

@@ -350,6 +350,29 @@ def plot_groups(groups, path: Path, title: str, ylabel: str, scale_by: float = 1
     return _save(plt, fig, path)
 
 
+def plot_curves(groups, path: Path, title: str) -> Path | None:
+    """Validation loss over training for every run (colour = configuration), and the log of the
+    data's unigram PPL: the curves show each model learned, and by how much."""
+    runs = [(g, r) for g, rs in groups.items() for r in rs if (r.get("curves") or {}).get("val")]
+    if not runs:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 3))
+    colours = {g: f"C{i}" for i, g in enumerate(groups)}
+    for group, r in runs:
+        val = [p for p in r["curves"]["val"] if p.get("loss") is not None]
+        ax.plot([p["step"] for p in val], [p["loss"] for p in val], color=colours[group], lw=1,
+                label=group if r is groups[group][0] else None)
+    unigrams = [r["unigram_ppl"] for _, r in runs if r.get("unigram_ppl")]
+    if unigrams:
+        ax.axhline(math.log(float(np.mean(unigrams))), color="grey", ls="--", lw=0.8, label="unigram (test)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6)
+    return _save(plt, fig, path)
+
+
 def plot_e3_shares(groups, path: Path) -> Path | None:
     plt = _plt()
     fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(3 * max(1, len(groups)), 2.6), squeeze=False)
@@ -429,18 +452,28 @@ def write_report(results: Path, scale: str, claims_md: Path, figures: Path) -> l
             return f"[figure]({path})"
 
     g = {e: by_group(records, e) for e in CLAIMS}
+
+    def curves(e: str, title: str) -> str:
+        link = figure(plot_curves(g[e], figures / f"{scale}-{e}-curves.png", f"{title}: learning curves"))
+        return f" {link.replace('[figure]', '[curves]')}" if link else ""
+
     rows = [
         claim_lm_pair("E1", g["E1"], "baseline", figure(plot_groups(g["E1"], figures / f"{scale}-E1.png",
-                                                                     "E1 WikiText-2 proxy", "test PPL")), ""),
+                                                                     "E1 WikiText-2 proxy", "test PPL"))
+                      + curves("E1", "E1 WikiText-2 proxy"), ""),
         claim_lm_pair("E2", g["E2"], "dct_attn", figure(plot_groups(g["E2"], figures / f"{scale}-E2.png",
-                                                                     "E2 IMDB review text", "test PPL")),
+                                                                     "E2 IMDB review text", "test PPL"))
+                      + curves("E2", "E2 IMDB review text"),
                       "Tests the direction on a proxy at a small token budget; it does not show what happens on "
                       "WikiText-103 at 1.2B tokens (not testable here)."),
-        claim_e3(g["E3"], figure(plot_e3_shares(g["E3"], figures / f"{scale}-E3-shares.png") if g["E3"] else None)),
-        claim_e4(g["E4"], figure(plot_groups(g["E4"], figures / f"{scale}-E4.png", "E4 routing", "test PPL"))),
+        claim_e3(g["E3"], figure(plot_e3_shares(g["E3"], figures / f"{scale}-E3-shares.png") if g["E3"] else None)
+                 + curves("E3", "E3 three operators")),
+        claim_e4(g["E4"], figure(plot_groups(g["E4"], figures / f"{scale}-E4.png", "E4 routing", "test PPL"))
+                 + curves("E4", "E4 routing")),
         claim_e5(g["E5"], figure(plot_groups(g["E5"], figures / f"{scale}-E5.png", "E5 classification",
                                              "test accuracy (%)", 100.0))),
-        claim_e6(g["E6"], figure(plot_e6_gate(g["E6"], figures / f"{scale}-E6-gate.png") if g["E6"] else None)),
+        claim_e6(g["E6"], figure(plot_e6_gate(g["E6"], figures / f"{scale}-E6-gate.png") if g["E6"] else None)
+                 + curves("E6", "E6 MetaRouter")),
         claim_e7(records),
         claim_e8(records),
     ]
