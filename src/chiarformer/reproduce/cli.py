@@ -27,10 +27,10 @@ def cmd_reproduce(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "reproduce", help="run the paper's experiment matrix (claims E1-E8) with seeds, or --report the verdicts",
-        description="Print the plan (runs, estimated time each, total), then run what is not complete: finished "
-                    "runs are skipped, interrupted ones resume from their last checkpoint. Each finished run leaves "
-                    "a small record in RESULTS/<scale>/<run>.json; --report aggregates the records into "
-                    "docs/claims.md and figures.")
+        description="Print the plan (runs, estimated time each, total), then run what is not complete: runs "
+                    "with a record are skipped (the record alone counts: run folders need not survive), "
+                    "interrupted ones resume from their last checkpoint. Each finished run leaves a small record "
+                    "in RESULTS/<scale>/<run>.json; --report aggregates the records into docs/claims.md and figures.")
     p.add_argument("--scale", default="cpu", choices=SCALES,
                    help="paper = the published protocol (GPU and data needed); cpu = the reduced protocol for 2 CPU "
                         "cores (default); smoke = every run for a few steps (a test)")

@@ -431,7 +431,8 @@ def runs_table(records: dict[str, dict]) -> list[str]:
         red = (f"{100 * f['attention_reduction']:.1f}%", f"{100 * f['total_reduction']:.1f}%") if f else ("-", "-")
         tok = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         ratio = f"{test['ppl'] / r['unigram_ppl']:.2f}" if test.get("ppl") and r.get("unigram_ppl") else "-"
-        commit = ((r.get("code") or {}).get("commit") or "-")[:7] + ("-dirty" if "dirty" in str(r.get("code")) else "")
+        commit = (r.get("code") or {}).get("commit") or "-"
+        commit = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
         lines.append(f"| {name} | {metric} | {ratio} | {_shares(r)} | {tok} | {red[0]} | {red[1]} | {commit} | "
                      f"`{r.get('command', '')}` |")
     return lines
