@@ -60,7 +60,11 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
 
 def test_missing_data_says_where_to_get_it(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("CHIAR_DATA_DIR", str(tmp_path / "empty"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The hub is unreachable here. (HF_HUB_OFFLINE set now would not do: huggingface_hub reads it
+    # once, at import, and an earlier test in the process may have imported it already.)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("chiarformer.data.hub.reachable", lambda *a, **k: False)
     code, _, err = run_main(capsys, "train", "--task", "wikitext103", "--preset", "tiny", "--set", "data.tokenizer=bytes",
                             "--out", str(tmp_path / "r"), "--quiet")
     assert_user_error(code, err, "WikiText-103")
