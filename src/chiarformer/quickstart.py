@@ -19,7 +19,6 @@ at the default Gaussian tau would send an arbitrary share).
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from . import flops
 from .errors import UserError
 from .operators import ATTN, layer_letters
 from .train import resolve, train
-from .train.metrics import read_metrics
+from .train.metrics import median_tokens_per_s
 from .train.task_data import load_task_data
 
 # Sized to finish both models in about 2 minutes on 2 CPU cores (see docs/training.md).
@@ -215,14 +214,6 @@ def format_table(rows: dict, data, steps: int, n_train: int, n_eval: int, total_
                      "run: the tokens/s and wall times above are not a fair comparison.")
     lines.append(f"total time {total_s:.0f} s. Full-size runs: `chiar train --task listops ...` (docs/training.md).")
     return "\n".join(lines)
-
-
-def median_tokens_per_s(run_dir: Path) -> float | None:
-    """Median training tokens/s over the run's logged windows (metrics.jsonl); robust to a slow stretch."""
-
-
-    rates = [rec["tokens_per_s"] for rec in read_metrics(run_dir) if rec.get("kind") == "train" and rec.get("tokens_per_s")]
-    return statistics.median(rates) if rates else None
 
 
 def machine_load() -> float | None:

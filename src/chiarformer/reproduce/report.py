@@ -443,20 +443,20 @@ def write_report(results: Path, scale: str, claims_md: Path, figures: Path) -> l
     figures.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
-    def figure(path: Path | None) -> str:
+    def figure(path: Path | None, label: str = "figure") -> str:
         if path is None:
             return ""
         written.append(path)
         try:
-            return f"[figure]({path.resolve().relative_to(claims_md.parent.resolve())})"
+            return f"[{label}]({path.resolve().relative_to(claims_md.parent.resolve())})"
         except ValueError:
-            return f"[figure]({path})"
+            return f"[{label}]({path})"
 
     g = {e: by_group(records, e) for e in CLAIMS}
 
     def curves(e: str, title: str) -> str:
-        link = figure(plot_curves(g[e], figures / f"{scale}-{e}-curves.png", f"{title}: learning curves"))
-        return f" {link.replace('[figure]', '[curves]')}" if link else ""
+        link = figure(plot_curves(g[e], figures / f"{scale}-{e}-curves.png", f"{title}: learning curves"), "curves")
+        return f" {link}" if link else ""
 
     rows = [
         claim_lm_pair("E1", g["E1"], "baseline", figure(plot_groups(g["E1"], figures / f"{scale}-E1.png",

@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..flops import compare
 from ..operators import ATTN
 from ..train.loop import train
-from ..train.metrics import read_metrics
+from ..train.metrics import median_tokens_per_s, read_metrics
 from ..train.results import package_version
 from ..train.run_config import RunConfig, resolve
 from ..train.task_data import load_task_data
@@ -218,13 +218,6 @@ def code_version() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def window_rate(metrics: list[dict]) -> float | None:
-    """Median training tokens/s over the logged windows: robust to a pause or a burst of other
-    load, unlike the whole run's mean."""
-    rates = [m["tokens_per_s"] for m in metrics if m.get("kind") == "train" and m.get("tokens_per_s")]
-    return float(np.median(rates)) if rates else None
-
-
 def write_record(spec: RunSpec, scale: str, run_dir: Path, results_dir: Path, command: list[str]) -> dict:
     results = _read_json(run_dir / "results.json") or {}
     cfg = RunConfig.load(run_dir / "config.yaml")
@@ -249,7 +242,7 @@ def write_record(spec: RunSpec, scale: str, run_dir: Path, results_dir: Path, co
         "op_share": op_share, "attn_shares": attn,
         "meta_gate": gates[-1] if gates else None,
         "mixture": results.get("mixture"),  # mixed runs: aux tasks, extra batches, aux-LM test
-        "tokens_per_s": window_rate(metrics), "tokens_per_s_mean": results.get("tokens_per_s"),
+        "tokens_per_s": median_tokens_per_s(run_dir), "tokens_per_s_mean": results.get("tokens_per_s"),
         "tokens_seen": results.get("tokens_seen"),
         "train_time_s": results.get("train_time_s"),
         "unigram_ppl": unigram_ppl(cfg),

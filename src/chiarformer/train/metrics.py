@@ -7,6 +7,7 @@ Every tool that shows an evaluation (the training loop's progress lines, `chiar 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 _FORMATS = {"loss": ".4f", "ppl": ".2f", "bpb": ".4f", "accuracy": ".4f"}
@@ -34,3 +35,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def median_tokens_per_s(run_dir: str | Path) -> float | None:
+    """Median training tokens/s over the run's logged windows (metrics.jsonl): robust to a slow
+    stretch or a pause, unlike the whole run's mean."""
+    rates = [rec["tokens_per_s"] for rec in read_metrics(run_dir) if rec.get("kind") == "train" and rec.get("tokens_per_s")]
+    return statistics.median(rates) if rates else None
