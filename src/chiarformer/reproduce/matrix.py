@@ -120,6 +120,7 @@ PAPER_EPOCH_TOKENS = {"wikitext103": 122_000_000}
 # Evaluation tokens per LM run: every periodic validation pass (10 per run) plus the test pass.
 WT2_EVAL = 11 * 25_000 + 286_000
 E2_SUBSET = {"smoke": (40, 8, 8), "cpu": (5000, 400, 1000), "paper": (0, 0, 0)}  # train/val/test reviews
+REVIEW_TOKENS = 300  # GPT-2 tokens per IMDB review (E2's 400 validation reviews: 120,576)
 
 # E6's mixture per scale (--set overrides, data preparation). Published: WikiText-2, IMDB and LRA
 # ListOps beside WikiText-103, with probability 0.25 per step; cpu and smoke: see CPU_NOTES["E6"].
@@ -193,8 +194,10 @@ PAPER_NOTES = {"all": ["the published protocol (SPEC §2); needs a GPU and the d
 
 def _lm_run(scale: str, experiment: str, group: str, layout: str, seed: int, *, task: str = "wikitext2-proxy",
             sets: tuple[str, ...] = (), epochs: float | None = None, family: str = "lm", skip: str = "",
-            prepare: str = "", max_steps: int = 0, extra: tuple[float, int] = (0.0, 0)) -> RunSpec:
-    """extra: (training tokens added per main token, evaluation tokens added), e.g. a mixture's."""
+            prepare: str = "", max_steps: int = 0, extra: tuple[float, int] = (0.0, 0),
+            eval_tokens: int = WT2_EVAL) -> RunSpec:
+    """extra: (training tokens added per main token, evaluation tokens added), e.g. a mixture's;
+    eval_tokens: every periodic validation pass plus the test pass, for the estimates."""
     b = LM[scale]
     preset = "tiny" if scale == "smoke" else "paper-17m"
     budget = []
@@ -204,7 +207,7 @@ def _lm_run(scale: str, experiment: str, group: str, layout: str, seed: int, *, 
     tokens = (max_steps * b.batch * b.seq_len) if max_steps else int((epochs or 1.0) * per_epoch)
     if scale == "smoke":
         tokens = 2 * b.batch * b.seq_len
-    eval_tokens = 0 if scale == "smoke" else WT2_EVAL + extra[1]
+    eval_tokens = 0 if scale == "smoke" else eval_tokens + extra[1]
     return RunSpec(f"{experiment}-{group}-s{seed}", experiment, group, task, preset, layout,
                    (*b.task_sets, *budget, *sets), seed, family, int(tokens * (1 + extra[0])),
                    eval_tokens, skip, prepare)
@@ -267,8 +270,9 @@ def build_matrix(scale: str, seeds: int | None = None) -> Matrix:
                 e1_steps = 0 if scale == "smoke" else round(b.e1_epochs * b.train_tokens_wt2 / (b.batch * b.seq_len))
                 files = ("data.train_files=[{data}/train.txt]", "data.val_files=[{data}/val.txt]",
                          "data.test_files=[{data}/test.txt]")
+                _, n_val, n_test = E2_SUBSET[scale]
                 runs.append(_lm_run(scale, "E2", layout, layout, s, task="text", sets=files, max_steps=e1_steps,
-                                    prepare="imdb-text"))
+                                    prepare="imdb-text", eval_tokens=(11 * n_val + n_test) * REVIEW_TOKENS))
         # E3: three operators with each routing mode, and the published regulariser.
         e3_task = "wikitext103" if scale == "paper" else "wikitext2-proxy"
         for group, sets in (("soft", ("model.routing=soft",)), ("hard", ("model.routing=hard",)),
