@@ -15,7 +15,7 @@ from chiarformer import ChiarConfig, ChiarForCausalLM
 from chiarformer.cli import main
 from chiarformer.model import KVCache
 from chiarformer.operators import ATTN, DCT
-from chiarformer.reproduce.matrix import CLAIMS, build_matrix
+from chiarformer.reproduce.matrix import CLAIMS, LM, build_matrix
 from chiarformer.reproduce.run import run_config
 from chiarformer.train.loop import Trainer
 
@@ -251,3 +251,16 @@ def test_report_withholds_a_verdict_that_rests_on_a_run_that_did_not_learn(tmp_p
     stuck = record("dct_attn", 2, 1500.0)  # above half the unigram PPL of its data
     (tmp_path / "cpu" / "E1-dct_attn-s2.json").write_text(json.dumps(stuck))
     assert "no verdict: E1-dct_attn-s2 did not learn" in e1_row()
+
+
+def test_cpu_short_runs_take_as_many_optimizer_steps_as_e1():
+    """E3, E4 and E6 see half of E1's tokens; at half E1's batch they keep its 220 steps (at 110 steps
+    the three-operator model did not clearly learn)."""
+    def steps(run):
+        sets = dict(s.split("=", 1) for s in run.sets)
+        return float(sets["train.epochs"]) * LM["cpu"].train_tokens_wt2 / (int(sets["train.batch_size"]) * 256)
+
+    runs = {r.experiment: r for r in build_matrix("cpu").runs}
+    assert round(steps(runs["E1"])) == 220
+    for experiment in ("E3", "E4", "E6"):
+        assert steps(runs[experiment]) == steps(runs["E1"]), experiment

@@ -95,25 +95,26 @@ SMOKE_MODEL = ("model.d_model=32", "model.n_heads=2")
 
 @dataclass(frozen=True)
 class LMBudget:
-    task_sets: tuple[str, ...]  # shared by every LM run of the scale
+    task_sets: tuple[str, ...]  # shared by every LM run of the scale (the batch size comes from below)
     e1_epochs: float  # passes over the WikiText-2 proxy's training split for E1
     short_epochs: float  # E3, E4, E6 (many configurations)
     train_tokens_wt2: int  # tokens in one epoch of that split (for estimates and equal budgets)
-    batch: int
+    batch: int  # sequences per step for E1 and E2
     seq_len: int
+    short_batch: int  # sequences per step for E3, E4, E6: at their half budget, the same number of steps as E1
 
 
 LM = {
     # smoke: byte tokens and d 32 keep every run to seconds (the GPT-2 embedding alone would dominate)
-    "smoke": LMBudget(("data.tokenizer=bytes", *SMOKE_MODEL, "train.batch_size=4", "data.seq_len=32",
+    "smoke": LMBudget(("data.tokenizer=bytes", *SMOKE_MODEL, "data.seq_len=32",
                        "train.warmup_steps=1", "train.log_every=1", "train.eval_every=2", "train.ckpt_every=1",
                        "train.eval_batch_size=64",
                        "train.lr=3e-3", "train.device=cpu", "train.max_steps=2"),
-                      1.0, 1.0, 0, 4, 32),
-    "cpu": LMBudget(("train.batch_size=16", "train.lr=5e-4", "train.min_lr=1e-5", "train.warmup_steps=40",
-                     "train.log_every=5", "train.device=cpu"),
-                    4.0, 2.0, 225_000, 16, 256),
-    "paper": LMBudget((), 10.0, 10.0, 2_400_000, 128, 256),
+                      1.0, 1.0, 0, 4, 32, 4),
+    "cpu": LMBudget(("train.lr=5e-4", "train.min_lr=1e-5", "train.warmup_steps=40", "train.log_every=5",
+                     "train.device=cpu"),
+                    4.0, 2.0, 225_000, 16, 256, 8),
+    "paper": LMBudget((), 10.0, 10.0, 2_400_000, 128, 256, 128),
 }
 # Training tokens per epoch of the full corpora (GPT-2 BPE, SPEC §2); the proxies use LMBudget's figure.
 PAPER_EPOCH_TOKENS = {"wikitext103": 122_000_000}
@@ -131,15 +132,15 @@ MIX_SETS = {
     "paper": (("mix.tasks=[wikitext2,imdb,listops]", "mix.prob=0.25"), ""),
 }
 # For the estimates: extra training tokens per main token, 0.25 x the mean over the aux tasks of
-# their batch's tokens relative to the main batch's (aux LM 1, IMDB 8 x 256 / 16 x 256 = 0.5,
-# flat ListOps ~0.02), and the aux LM's test tokens.
-MIX_EXTRA = (0.13, 290_000)
+# their batch's tokens relative to the main batch's (E6 runs 8 sequences per step: aux LM 1,
+# IMDB 8 x 256 / 8 x 256 = 1, flat ListOps ~0.04), and the aux LM's test tokens.
+MIX_EXTRA = (0.17, 290_000)
 
 CPU_NOTES = {
     "all": [
         "paper-17m architecture (4 layers, d 256, 4 heads, FFN 1024, GPT-2 BPE, context 256, dropout 0.1) "
         "wherever a claim is about it; routed layers 2-3 as published (D, DA, DA, A).",
-        "16 sequences per step instead of 128 and lr 5e-4 (warm-up 40, cosine to 1e-5) instead of 1e-4: "
+        "16 sequences per step (E3, E4, E6: 8) instead of 128 and lr 5e-4 (warm-up 40, cosine to 1e-5) instead of 1e-4: "
         "~0.5-1M training tokens per run fit 2 CPU cores (~1,400-1,800 tokens/s); at the published lr and "
         "batch a run this short barely leaves the unigram solution, and at lr 1e-3 the E2 baseline (seed 0) "
         "stayed on it for all 220 steps (post-LN; test PPL above the unigram's) while 5e-4 left it by step 88. "
@@ -156,9 +157,12 @@ CPU_NOTES = {
            "split alone would take ~25 min per run to evaluate on CPU). Reviews are separated by a blank line. "
            "This shows whether less repetition and more varied text move the comparison at 17M-size, "
            "not what happens at 1.2B tokens."],
-    "E3": ["2 epochs (~0.45M tokens) per run: 4 routings x 3 seeds; compare with E1 at its own budget only "
-           "through the shares, and with each other for PPL."],
-    "E4": ["2 epochs per run. Entropy routing at a fixed share uses routing=quantile (tau follows the "
+    "E3": ["2 epochs (~0.45M tokens) per run at 8 sequences per step, so 220 steps as in E1 (at 16 per step, "
+           "110 steps, E3-soft seed 0 ended at test PPL 1,335, 0.66 of the unigram PPL: not clearly learned; at "
+           "8 per step the same run reached 1,022). 4 routings x 3 seeds; compare with E1 at its own budget only "
+           "through the shares, and with each other (and E4's runs, same budget) for PPL."],
+    "E4": ["2 epochs per run at 8 sequences per step (220 steps, as E3). Entropy routing at a fixed share uses "
+           "routing=quantile (tau follows the "
            "(1 - share) quantile of earlier batches' entropies, see docs/routing.md); the control uses "
            "routing=random at the same share. Shares 0 and 1.0 are the layouts D,D,D,A and D,A,A,A."],
     "E5": ["IMDB: published encoding (GPT-2 BPE, first 256 tokens) at the published lr 5e-5 and batch 32, but "
@@ -169,7 +173,7 @@ CPU_NOTES = {
            "600 steps of 32 (LRA: 96,000 expressions, 5,000 steps); paper-17m width, bidirectional attention."],
     "E6": ["Gate-only runs (no mixing): dct_attn with the causal MetaRouter vs the published batch-mean gate "
            "(NON-CAUSAL: lets each position see the future and other sequences; run with allow_noncausal), "
-           "2 epochs.",
+           "2 epochs at 8 sequences per step (220 steps, as E3).",
            "Mixed runs (mixed-*): the same two gates and budget on the same main corpus (the WikiText-2 proxy), so "
            "with and without mixing differ only by the mixture: at every step, with probability 0.25 (published), "
            "one extra batch from an aux task drawn uniformly: IMDB review-text LM (E2's files: the naturalistic "
@@ -178,7 +182,7 @@ CPU_NOTES = {
            "main with WikiText-2, IMDB and LRA ListOps as aux tasks; WikiText-103 is not here and the WikiText-2 "
            "proxy is itself the main corpus, so the aux LM is the IMDB text and the test is on the main corpus "
            "(WikiText-2 test) and on the IMDB text test. LRA ListOps is left out (inputs of 500-2000 tokens would "
-           "dominate a CPU step); the flat toy keeps a symbolic task. ~110 steps with ~27 extra batches: the "
+           "dominate a CPU step); the flat toy keeps a symbolic task. 220 steps with ~55 extra batches: the "
            "mixture's effect at this budget is small and may not show."],
     "E7": ["Analysis of E1's runs: the published calibration (33rd/67th percentiles of the trained baseline's "
            "token-embedding entropies, midpoint for two-operator layers) applied to the E1 dct_attn model, "
@@ -195,21 +199,26 @@ PAPER_NOTES = {"all": ["the published protocol (SPEC §2); needs a GPU and the d
 def _lm_run(scale: str, experiment: str, group: str, layout: str, seed: int, *, task: str = "wikitext2-proxy",
             sets: tuple[str, ...] = (), epochs: float | None = None, family: str = "lm", skip: str = "",
             prepare: str = "", max_steps: int = 0, extra: tuple[float, int] = (0.0, 0),
-            eval_tokens: int = WT2_EVAL) -> RunSpec:
+            eval_tokens: int = WT2_EVAL, short: bool = False) -> RunSpec:
     """extra: (training tokens added per main token, evaluation tokens added), e.g. a mixture's;
-    eval_tokens: every periodic validation pass plus the test pass, for the estimates."""
+    eval_tokens: every periodic validation pass plus the test pass, for the estimates;
+    short: one of the many-configuration runs (E3, E4, E6): short_epochs at short_batch."""
     b = LM[scale]
     preset = "tiny" if scale == "smoke" else "paper-17m"
+    if short:
+        epochs = b.short_epochs
+    batch = b.short_batch if short else b.batch
     budget = []
     if scale != "smoke":
         budget = [f"train.max_steps={max_steps}"] if max_steps else [f"train.epochs={epochs}"]
     per_epoch = PAPER_EPOCH_TOKENS.get(task, b.train_tokens_wt2)
-    tokens = (max_steps * b.batch * b.seq_len) if max_steps else int((epochs or 1.0) * per_epoch)
+    tokens = (max_steps * batch * b.seq_len) if max_steps else int((epochs or 1.0) * per_epoch)
     if scale == "smoke":
-        tokens = 2 * b.batch * b.seq_len
+        tokens = 2 * batch * b.seq_len
     eval_tokens = 0 if scale == "smoke" else eval_tokens + extra[1]
+    batch_sets = () if scale == "paper" else (f"train.batch_size={batch}",)  # paper: the preset's 128
     return RunSpec(f"{experiment}-{group}-s{seed}", experiment, group, task, preset, layout,
-                   (*b.task_sets, *budget, *sets), seed, family, int(tokens * (1 + extra[0])),
+                   (*batch_sets, *b.task_sets, *budget, *sets), seed, family, int(tokens * (1 + extra[0])),
                    eval_tokens, skip, prepare)
 
 
@@ -256,7 +265,6 @@ def build_matrix(scale: str, seeds: int | None = None) -> Matrix:
     b = LM[scale]
     runs: list[RunSpec] = []
     analyses: list[Analysis] = []
-    short = b.short_epochs
     for s in range(n_seeds):
         # E1: the small corpus (paper scale: WikiText-2 train itself).
         e1_task = "wikitext2" if scale == "paper" else "wikitext2-proxy"
@@ -279,15 +287,15 @@ def build_matrix(scale: str, seeds: int | None = None) -> Matrix:
                             ("threshold", ("model.routing=threshold",)),
                             ("threshold-reg", ("model.routing=threshold", "model.collapse_reg=0.01",
                                                "model.collapse_form=reference"))):
-            runs.append(_lm_run(scale, "E3", group, "three_op", s, task=e3_task, sets=sets, epochs=short,
+            runs.append(_lm_run(scale, "E3", group, "three_op", s, task=e3_task, sets=sets, short=True,
                                 family="lm-three_op"))
         # E4: entropy vs random routing at equal shares, and the share sweep.
         for share in (0.25, 0.5):
             for routing in ("quantile", "random"):
-                runs.append(_lm_run(scale, "E4", f"{routing}-{share}", "dct_attn", s, task=e3_task, epochs=short,
+                runs.append(_lm_run(scale, "E4", f"{routing}-{share}", "dct_attn", s, task=e3_task, short=True,
                                     sets=(f"model.routing={routing}", f"model.attn_fraction={share}")))
         for group, layout in (("share-0", "D,D,D,A"), ("share-1", "D,A,A,A")):
-            runs.append(_lm_run(scale, "E4", group, layout, s, task=e3_task, epochs=short))
+            runs.append(_lm_run(scale, "E4", group, layout, s, task=e3_task, short=True))
         # E5: classification, baseline vs DCT+Attn.
         for task in ("imdb", "listops-flat", "listops"):
             sets, tokens, eval_tokens = CLS_SETS[task][scale]
@@ -297,9 +305,9 @@ def build_matrix(scale: str, seeds: int | None = None) -> Matrix:
         mix_sets, mix_prepare = MIX_SETS[scale]
         for group, sets in (("gate-causal", ("model.meta_router=causal",)),
                             ("gate-batch_mean", ("model.meta_router=batch_mean", "model.allow_noncausal=true"))):
-            runs.append(_lm_run(scale, "E6", group, "dct_attn", s, task=e3_task, sets=sets, epochs=short))
+            runs.append(_lm_run(scale, "E6", group, "dct_attn", s, task=e3_task, sets=sets, short=True))
             runs.append(_lm_run(scale, "E6", f"mixed-{group}", "dct_attn", s, task=e3_task, sets=(*sets, *mix_sets),
-                                epochs=short, prepare=mix_prepare, extra=MIX_EXTRA))
+                                short=True, prepare=mix_prepare, extra=MIX_EXTRA))
         # E7: analysis over E1's pair of runs of this seed.
         analyses.append(Analysis(f"E7-calibration-s{s}", "E7", (f"E1-baseline-s{s}", f"E1-dct_attn-s{s}"), s))
     # Experiment-major (all seeds of E1, then E2, ...): each experiment's comparison completes as
