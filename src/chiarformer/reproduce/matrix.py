@@ -118,8 +118,9 @@ LM = {
 }
 # Training tokens per epoch of the full corpora (GPT-2 BPE, SPEC §2); the proxies use LMBudget's figure.
 PAPER_EPOCH_TOKENS = {"wikitext103": 122_000_000}
-# Evaluation tokens per LM run: every periodic validation pass (10 per run) plus the test pass.
-WT2_EVAL = 11 * 25_000 + 286_000
+# Evaluation tokens per LM run: every validation pass (10 periodic, 1 final) plus the test pass.
+VAL_PASSES = 11
+WT2_EVAL = VAL_PASSES * 25_000 + 286_000
 E2_SUBSET = {"smoke": (40, 8, 8), "cpu": (5000, 400, 1000), "paper": (0, 0, 0)}  # train/val/test reviews
 REVIEW_TOKENS = 300  # GPT-2 tokens per IMDB review (E2's 400 validation reviews: 120,576)
 
@@ -199,15 +200,13 @@ PAPER_NOTES = {"all": ["the published protocol (SPEC §2); needs a GPU and the d
 def _lm_run(scale: str, experiment: str, group: str, layout: str, seed: int, *, task: str = "wikitext2-proxy",
             sets: tuple[str, ...] = (), epochs: float | None = None, family: str = "lm", skip: str = "",
             prepare: str = "", max_steps: int = 0, extra: tuple[float, int] = (0.0, 0),
-            eval_tokens: int = WT2_EVAL, short: bool = False) -> RunSpec:
+            eval_tokens: int = WT2_EVAL, batch: int = 0) -> RunSpec:
     """extra: (training tokens added per main token, evaluation tokens added), e.g. a mixture's;
-    eval_tokens: every periodic validation pass plus the test pass, for the estimates;
-    short: one of the many-configuration runs (E3, E4, E6): short_epochs at short_batch."""
+    eval_tokens: every validation pass plus the test pass, for the estimates; batch: sequences per
+    step (0: the scale's E1 batch)."""
     b = LM[scale]
     preset = "tiny" if scale == "smoke" else "paper-17m"
-    if short:
-        epochs = b.short_epochs
-    batch = b.short_batch if short else b.batch
+    batch = batch or b.batch
     budget = []
     if scale != "smoke":
         budget = [f"train.max_steps={max_steps}"] if max_steps else [f"train.epochs={epochs}"]
@@ -265,6 +264,7 @@ def build_matrix(scale: str, seeds: int | None = None) -> Matrix:
     b = LM[scale]
     runs: list[RunSpec] = []
     analyses: list[Analysis] = []
+    short = {"epochs": b.short_epochs, "batch": b.short_batch}  # E3, E4, E6: many configurations
     for s in range(n_seeds):
         # E1: the small corpus (paper scale: WikiText-2 train itself).
         e1_task = "wikitext2" if scale == "paper" else "wikitext2-proxy"
@@ -280,22 +280,22 @@ def build_matrix(scale: str, seeds: int | None = None) -> Matrix:
                          "data.test_files=[{data}/test.txt]")
                 _, n_val, n_test = E2_SUBSET[scale]
                 runs.append(_lm_run(scale, "E2", layout, layout, s, task="text", sets=files, max_steps=e1_steps,
-                                    prepare="imdb-text", eval_tokens=(11 * n_val + n_test) * REVIEW_TOKENS))
+                                    prepare="imdb-text", eval_tokens=(VAL_PASSES * n_val + n_test) * REVIEW_TOKENS))
         # E3: three operators with each routing mode, and the published regulariser.
         e3_task = "wikitext103" if scale == "paper" else "wikitext2-proxy"
         for group, sets in (("soft", ("model.routing=soft",)), ("hard", ("model.routing=hard",)),
                             ("threshold", ("model.routing=threshold",)),
                             ("threshold-reg", ("model.routing=threshold", "model.collapse_reg=0.01",
                                                "model.collapse_form=reference"))):
-            runs.append(_lm_run(scale, "E3", group, "three_op", s, task=e3_task, sets=sets, short=True,
+            runs.append(_lm_run(scale, "E3", group, "three_op", s, task=e3_task, sets=sets, **short,
                                 family="lm-three_op"))
         # E4: entropy vs random routing at equal shares, and the share sweep.
         for share in (0.25, 0.5):
             for routing in ("quantile", "random"):
-                runs.append(_lm_run(scale, "E4", f"{routing}-{share}", "dct_attn", s, task=e3_task, short=True,
+                runs.append(_lm_run(scale, "E4", f"{routing}-{share}", "dct_attn", s, task=e3_task, **short,
                                     sets=(f"model.routing={routing}", f"model.attn_fraction={share}")))
         for group, layout in (("share-0", "D,D,D,A"), ("share-1", "D,A,A,A")):
-            runs.append(_lm_run(scale, "E4", group, layout, s, task=e3_task, short=True))
+            runs.append(_lm_run(scale, "E4", group, layout, s, task=e3_task, **short))
         # E5: classification, baseline vs DCT+Attn.
         for task in ("imdb", "listops-flat", "listops"):
             sets, tokens, eval_tokens = CLS_SETS[task][scale]
@@ -305,9 +305,9 @@ def build_matrix(scale: str, seeds: int | None = None) -> Matrix:
         mix_sets, mix_prepare = MIX_SETS[scale]
         for group, sets in (("gate-causal", ("model.meta_router=causal",)),
                             ("gate-batch_mean", ("model.meta_router=batch_mean", "model.allow_noncausal=true"))):
-            runs.append(_lm_run(scale, "E6", group, "dct_attn", s, task=e3_task, sets=sets, short=True))
+            runs.append(_lm_run(scale, "E6", group, "dct_attn", s, task=e3_task, sets=sets, **short))
             runs.append(_lm_run(scale, "E6", f"mixed-{group}", "dct_attn", s, task=e3_task, sets=(*sets, *mix_sets),
-                                short=True, prepare=mix_prepare, extra=MIX_EXTRA))
+                                **short, prepare=mix_prepare, extra=MIX_EXTRA))
         # E7: analysis over E1's pair of runs of this seed.
         analyses.append(Analysis(f"E7-calibration-s{s}", "E7", (f"E1-baseline-s{s}", f"E1-dct_attn-s{s}"), s))
     # Experiment-major (all seeds of E1, then E2, ...): each experiment's comparison completes as
