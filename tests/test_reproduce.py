@@ -253,14 +253,46 @@ def test_report_withholds_a_verdict_that_rests_on_a_run_that_did_not_learn(tmp_p
     assert "no verdict: E1-dct_attn-s2 did not learn" in e1_row()
 
 
-def test_cpu_short_runs_take_as_many_optimizer_steps_as_e1():
-    """E3, E4 and E6 see half of E1's tokens; at half E1's batch they keep its 220 steps (at 110 steps
-    the three-operator model did not clearly learn)."""
-    def steps(run):
+def test_cpu_e3_trains_at_e1s_budget_and_the_short_runs_keep_its_steps():
+    """E3 takes E1's budget (its PPLs stand beside E1's); E4 and E6 see half of E1's tokens, and at half
+    its batch keep its 220 steps (at 110 steps the three-operator model did not clearly learn)."""
+    def budget(run):
         sets = dict(s.split("=", 1) for s in run.sets)
-        return float(sets["train.epochs"]) * LM["cpu"].train_tokens_wt2 / (int(sets["train.batch_size"]) * 256)
+        return float(sets["train.epochs"]), int(sets["train.batch_size"])
+
+    def steps(run):
+        epochs, batch = budget(run)
+        return epochs * LM["cpu"].train_tokens_wt2 / (batch * 256)
 
     runs = {r.experiment: r for r in build_matrix("cpu").runs}
     assert round(steps(runs["E1"])) == 220
-    for experiment in ("E3", "E4", "E6"):
+    assert budget(runs["E3"]) == budget(runs["E1"]) and runs["E3"].task == runs["E1"].task
+    for experiment in ("E4", "E6"):
         assert steps(runs[experiment]) == steps(runs["E1"]), experiment
+        assert budget(runs[experiment])[0] == budget(runs["E1"])[0] / 2, experiment
+
+
+def test_report_puts_e1s_ppl_beside_e3_and_calls_rbf_collapse_only_when_it_happens(tmp_path):
+    from chiarformer.reproduce.report import write_report
+
+    def record(experiment, group, seed, ppl, rbf=0.0):
+        share = [[1.0, 0.0, 0.0], [0.1, 0.9 - rbf, rbf], [0.1, 0.9 - rbf, rbf], [0.0, 1.0, 0.0]]
+        return {"name": f"{experiment}-{group}-s{seed}", "experiment": experiment, "group": group, "seed": seed,
+                "family": "lm", "task": "wikitext2-proxy", "test": {"ppl": ppl}, "unigram_ppl": 2000.0,
+                "op_share": share, "attn_shares": [0.9 - rbf, 0.9 - rbf], "curves": {"train": [], "val": []}}
+
+    (tmp_path / "cpu").mkdir()
+    claims = tmp_path / "claims.md"
+
+    def e3_row(rbf):
+        runs = [record("E1", "baseline", s, 870.0 + s) for s in range(3)]
+        runs += [record("E3", g, s, 950.0 + s, rbf) for g in ("soft", "hard") for s in range(3)]
+        for r in runs:
+            (tmp_path / "cpu" / f"{r['name']}.json").write_text(json.dumps(r))
+        write_report(tmp_path, "cpu", claims, tmp_path / "figures")
+        return next(line for line in claims.read_text().splitlines() if line.startswith("| **E3**"))
+
+    row = e3_row(rbf=0.9)
+    assert "E1 baseline (same data, budget and seeds): test PPL 871.00" in row
+    assert "| contradicted" in row and "RBF share 90.0" in row
+    assert "| supported" in e3_row(rbf=0.001)

@@ -166,7 +166,9 @@ def _unigram(record: dict) -> str:
     return "-" if u is None else f"{u:.1f}"
 
 
-def claim_e3(groups, figure: str) -> Row:
+def claim_e3(groups, e1_groups, figure: str) -> Row:
+    """e1_groups: E1's runs; at the scales where they train on E3's data (cpu, smoke: same budget and
+    seeds too), their baseline and DCT+Attn PPLs stand beside E3's."""
     if not groups:
         return Row("E3", "-", f"{NOT_RUN}: `chiar reproduce --only E3`", figure)
     parts, collapsed, learned = [], [], []
@@ -178,6 +180,12 @@ def claim_e3(groups, figure: str) -> Row:
             learned.append(group)
             if rbf and max(rbf) < 0.01:
                 collapsed.append(group)
+    e3_task = next(iter(groups.values()))[0].get("task")
+    for layout in ("baseline", "dct_attn"):
+        same_data = [r for r in e1_groups.get(layout, []) if r.get("task") == e3_task]
+        ppl = [test_metric(r) for r in same_data if test_metric(r) is not None]
+        if ppl:
+            parts.append(f"E1 {layout} (same data, budget and seeds): test PPL {values_text(ppl)}")
     if not learned:
         verdict = "no verdict (no learned-router runs)"
     elif len(collapsed) == len(learned):
@@ -467,7 +475,7 @@ def write_report(results: Path, scale: str, claims_md: Path, figures: Path) -> l
                       + curves("E2", "E2 IMDB review text"),
                       "Tests the direction on a proxy at a small token budget; it does not show what happens on "
                       "WikiText-103 at 1.2B tokens (not testable here)."),
-        claim_e3(g["E3"], figure(plot_e3_shares(g["E3"], figures / f"{scale}-E3-shares.png") if g["E3"] else None)
+        claim_e3(g["E3"], g["E1"], figure(plot_e3_shares(g["E3"], figures / f"{scale}-E3-shares.png") if g["E3"] else None)
                  + curves("E3", "E3 three operators")),
         claim_e4(g["E4"], figure(plot_groups(g["E4"], figures / f"{scale}-E4.png", "E4 routing", "test PPL"))
                  + curves("E4", "E4 routing")),
