@@ -96,12 +96,10 @@ SMOKE_MODEL = ("model.d_model=32", "model.n_heads=2")
 @dataclass(frozen=True)
 class LMBudget:
     task_sets: tuple[str, ...]  # shared by every LM run of the scale (the batch size comes from below)
-    e1_epochs: float  # passes over the WikiText-2 proxy's training split for E1
-    short_epochs: float  # E4, E6 (many configurations)
+    epochs: float  # passes over the main corpus's training split (E1, E3, E4, E6; E2 takes E1's token count)
     train_tokens_wt2: int  # tokens in one epoch of that split (for estimates and equal budgets)
-    batch: int  # sequences per step for E1 and E2
+    batch: int  # sequences per step
     seq_len: int
-    short_batch: int  # sequences per step for E4, E6: at their half budget, the same number of steps as E1
 
 
 LM = {
@@ -110,11 +108,11 @@ LM = {
                        "train.warmup_steps=1", "train.log_every=1", "train.eval_every=2", "train.ckpt_every=1",
                        "train.eval_batch_size=64",
                        "train.lr=3e-3", "train.device=cpu", "train.max_steps=2"),
-                      1.0, 1.0, 0, 4, 32, 4),
+                      1.0, 0, 4, 32),
     "cpu": LMBudget(("train.lr=5e-4", "train.min_lr=1e-5", "train.warmup_steps=40", "train.log_every=5",
                      "train.device=cpu"),
-                    4.0, 2.0, 225_000, 16, 256, 8),
-    "paper": LMBudget((), 10.0, 10.0, 2_400_000, 128, 256, 128),
+                    4.0, 225_000, 16, 256),
+    "paper": LMBudget((), 10.0, 2_400_000, 128, 256),
 }
 # Training tokens per epoch of the full corpora (GPT-2 BPE, SPEC §2); the proxies use LMBudget's figure.
 PAPER_EPOCH_TOKENS = {"wikitext103": 122_000_000}
@@ -133,21 +131,26 @@ MIX_SETS = {
     "paper": (("mix.tasks=[wikitext2,imdb,listops]", "mix.prob=0.25"), ""),
 }
 # For the estimates: extra training tokens per main token, 0.25 x the mean over the aux tasks of
-# their batch's tokens relative to the main batch's (E6 runs 8 sequences per step: aux LM 1,
-# IMDB 8 x 256 / 8 x 256 = 1, flat ListOps ~0.04), and the aux LM's test tokens.
+# their batch's tokens relative to the main batch's (aux batches have the main batch's size: aux LM 1,
+# IMDB 256 / 256 tokens per sequence = 1, flat ListOps ~0.04), and the aux LM's test tokens.
 MIX_EXTRA = (0.17, 290_000)
 
 CPU_NOTES = {
     "all": [
         "paper-17m architecture (4 layers, d 256, 4 heads, FFN 1024, GPT-2 BPE, context 256, dropout 0.1) "
         "wherever a claim is about it; routed layers 2-3 as published (D, DA, DA, A).",
-        "16 sequences per step (E4, E6: 8) instead of 128 and lr 5e-4 instead of 1e-4 (warm-up 40 steps, capped at "
+        "16 sequences per step instead of 128 and lr 5e-4 instead of 1e-4 (warm-up 40 steps, capped at "
         "a tenth of the run: 22 of 220; cosine to 1e-5): "
-        "~0.5-1M training tokens per run fit 2 CPU cores (~1,400-1,800 tokens/s); at the published lr and "
+        "~0.9M training tokens per run fit 2 CPU cores (~1,100-1,400 tokens/s); at the published lr and "
         "batch a run this short barely leaves the unigram solution, and at lr 1e-3 the E2 baseline (seed 0) "
         "stayed on it for all 220 steps (post-LN; test PPL above the unigram's) while 5e-4 left it by step 88. "
         "Differences that need long training (the published 10 epochs of WikiText-103, ~1.2B tokens) may not "
         "show or may reverse.",
+        "Every run on the WikiText-2 proxy (E1, E3, E4, E6) takes E1's budget: 4 epochs (~0.9M tokens, 220 "
+        "steps of 16). At half of it (2 epochs at 8 per step), the seed-0 soft, hard and threshold E3 runs ended "
+        "at 0.50-0.51 of the unigram PPL (test), on the report's 'clearly learned' bar, and E4's quantile-0.25 "
+        "run at the same validation PPL (1,253); at 110 steps of 16, E3-soft reached only 0.66. Those runs were "
+        "discarded.",
         "dct_attn routes with threshold routing at the default tau (the Gaussian-vector entropy at d, the "
         "published operating point); its achieved attention share is recorded, not fixed.",
     ],
@@ -159,14 +162,8 @@ CPU_NOTES = {
            "split alone would take ~25 min per run to evaluate on CPU). Reviews are separated by a blank line. "
            "This shows whether less repetition and more varied text move the comparison at 17M-size, "
            "not what happens at 1.2B tokens."],
-    "E3": ["E1's budget and seeds (4 epochs, ~0.9M tokens, 16 sequences per step), so the three-operator PPLs "
-           "sit next to E1's baseline and DCT+Attn runs. At half of it (2 epochs at 8 per step, as E4 and E6), "
-           "the soft and hard routers of seed 0 ended at 0.50-0.51 of the unigram PPL, on the report's "
-           "'clearly learned' bar (those runs were discarded; both had sent ~93% of tokens to RBF)."],
-    "E4": ["2 epochs (~0.45M tokens, half of E1's) per run at 8 sequences per step, so 220 steps as in E1 (at 16 "
-           "per step, 110 steps, a three-operator run ended at test PPL 1,335, 0.66 of the unigram PPL: not "
-           "clearly learned). Entropy routing at a fixed share uses "
-           "routing=quantile (tau follows the "
+    "E3": ["4 routings x 3 seeds at E1's budget, so the PPLs stand beside E1's baseline and DCT+Attn runs."],
+    "E4": ["Entropy routing at a fixed share uses routing=quantile (tau follows the "
            "(1 - share) quantile of earlier batches' entropies, see docs/routing.md); the control uses "
            "routing=random at the same share. Shares 0 and 1.0 are the layouts D,D,D,A and D,A,A,A."],
     "E5": ["IMDB: published encoding (GPT-2 BPE, first 256 tokens) at the published lr 5e-5 and batch 32, but "
@@ -177,7 +174,7 @@ CPU_NOTES = {
            "600 steps of 32 (LRA: 96,000 expressions, 5,000 steps); paper-17m width, bidirectional attention."],
     "E6": ["Gate-only runs (no mixing): dct_attn with the causal MetaRouter vs the published batch-mean gate "
            "(NON-CAUSAL: lets each position see the future and other sequences; run with allow_noncausal), "
-           "2 epochs at 8 sequences per step (220 steps, as E4).",
+           "E1's budget.",
            "Mixed runs (mixed-*): the same two gates and budget on the same main corpus (the WikiText-2 proxy), so "
            "with and without mixing differ only by the mixture: at every step, with probability 0.25 (published), "
            "one extra batch from an aux task drawn uniformly: IMDB review-text LM (E2's files: the naturalistic "
@@ -203,22 +200,20 @@ PAPER_NOTES = {"all": ["the published protocol (SPEC §2); needs a GPU and the d
 def _lm_run(scale: str, experiment: str, group: str, layout: str, seed: int, *, task: str = "wikitext2-proxy",
             sets: tuple[str, ...] = (), epochs: float | None = None, family: str = "lm", skip: str = "",
             prepare: str = "", max_steps: int = 0, extra: tuple[float, int] = (0.0, 0),
-            eval_tokens: int = WT2_EVAL, batch: int = 0) -> RunSpec:
+            eval_tokens: int = WT2_EVAL) -> RunSpec:
     """extra: (training tokens added per main token, evaluation tokens added), e.g. a mixture's;
-    eval_tokens: every validation pass plus the test pass, for the estimates; batch: sequences per
-    step (0: the scale's E1 batch)."""
+    eval_tokens: every validation pass plus the test pass, for the estimates."""
     b = LM[scale]
     preset = "tiny" if scale == "smoke" else "paper-17m"
-    batch = batch or b.batch
     budget = []
     if scale != "smoke":
         budget = [f"train.max_steps={max_steps}"] if max_steps else [f"train.epochs={epochs}"]
     per_epoch = PAPER_EPOCH_TOKENS.get(task, b.train_tokens_wt2)
-    tokens = (max_steps * batch * b.seq_len) if max_steps else int((epochs or 1.0) * per_epoch)
+    tokens = (max_steps * b.batch * b.seq_len) if max_steps else int((epochs or 1.0) * per_epoch)
     if scale == "smoke":
-        tokens = 2 * batch * b.seq_len
+        tokens = 2 * b.batch * b.seq_len
     eval_tokens = 0 if scale == "smoke" else eval_tokens + extra[1]
-    batch_sets = () if scale == "paper" else (f"train.batch_size={batch}",)  # paper: the preset's 128
+    batch_sets = () if scale == "paper" else (f"train.batch_size={b.batch}",)  # paper: the preset's 128
     return RunSpec(f"{experiment}-{group}-s{seed}", experiment, group, task, preset, layout,
                    (*batch_sets, *b.task_sets, *budget, *sets), seed, family, int(tokens * (1 + extra[0])),
                    eval_tokens, skip, prepare)
@@ -267,18 +262,17 @@ def build_matrix(scale: str, seeds: int | None = None) -> Matrix:
     b = LM[scale]
     runs: list[RunSpec] = []
     analyses: list[Analysis] = []
-    short = {"epochs": b.short_epochs, "batch": b.short_batch}  # E4, E6: many configurations
     for s in range(n_seeds):
         # E1: the small corpus (paper scale: WikiText-2 train itself).
         e1_task = "wikitext2" if scale == "paper" else "wikitext2-proxy"
         for layout in ("baseline", "dct_attn"):
-            runs.append(_lm_run(scale, "E1", layout, layout, s, task=e1_task, epochs=b.e1_epochs))
+            runs.append(_lm_run(scale, "E1", layout, layout, s, task=e1_task, epochs=b.epochs))
         # E2: the larger naturalistic corpus at E1's token budget (paper: WikiText-103 itself).
         for layout in ("baseline", "dct_attn"):
             if scale == "paper":
                 runs.append(_lm_run(scale, "E2", layout, layout, s, task="wikitext103", epochs=10.0))
             else:
-                e1_steps = 0 if scale == "smoke" else round(b.e1_epochs * b.train_tokens_wt2 / (b.batch * b.seq_len))
+                e1_steps = 0 if scale == "smoke" else round(b.epochs * b.train_tokens_wt2 / (b.batch * b.seq_len))
                 files = ("data.train_files=[{data}/train.txt]", "data.val_files=[{data}/val.txt]",
                          "data.test_files=[{data}/test.txt]")
                 _, n_val, n_test = E2_SUBSET[scale]
@@ -290,15 +284,15 @@ def build_matrix(scale: str, seeds: int | None = None) -> Matrix:
                             ("threshold", ("model.routing=threshold",)),
                             ("threshold-reg", ("model.routing=threshold", "model.collapse_reg=0.01",
                                                "model.collapse_form=reference"))):
-            runs.append(_lm_run(scale, "E3", group, "three_op", s, task=e3_task, sets=sets, epochs=b.e1_epochs,
+            runs.append(_lm_run(scale, "E3", group, "three_op", s, task=e3_task, sets=sets, epochs=b.epochs,
                                 family="lm-three_op"))
         # E4: entropy vs random routing at equal shares, and the share sweep.
         for share in (0.25, 0.5):
             for routing in ("quantile", "random"):
-                runs.append(_lm_run(scale, "E4", f"{routing}-{share}", "dct_attn", s, task=e3_task, **short,
+                runs.append(_lm_run(scale, "E4", f"{routing}-{share}", "dct_attn", s, task=e3_task, epochs=b.epochs,
                                     sets=(f"model.routing={routing}", f"model.attn_fraction={share}")))
         for group, layout in (("share-0", "D,D,D,A"), ("share-1", "D,A,A,A")):
-            runs.append(_lm_run(scale, "E4", group, layout, s, task=e3_task, **short))
+            runs.append(_lm_run(scale, "E4", group, layout, s, task=e3_task, epochs=b.epochs))
         # E5: classification, baseline vs DCT+Attn.
         for task in ("imdb", "listops-flat", "listops"):
             sets, tokens, eval_tokens = CLS_SETS[task][scale]
@@ -308,9 +302,9 @@ def build_matrix(scale: str, seeds: int | None = None) -> Matrix:
         mix_sets, mix_prepare = MIX_SETS[scale]
         for group, sets in (("gate-causal", ("model.meta_router=causal",)),
                             ("gate-batch_mean", ("model.meta_router=batch_mean", "model.allow_noncausal=true"))):
-            runs.append(_lm_run(scale, "E6", group, "dct_attn", s, task=e3_task, sets=sets, **short))
+            runs.append(_lm_run(scale, "E6", group, "dct_attn", s, task=e3_task, sets=sets, epochs=b.epochs))
             runs.append(_lm_run(scale, "E6", f"mixed-{group}", "dct_attn", s, task=e3_task, sets=(*sets, *mix_sets),
-                                **short, prepare=mix_prepare, extra=MIX_EXTRA))
+                                epochs=b.epochs, prepare=mix_prepare, extra=MIX_EXTRA))
         # E7: analysis over E1's pair of runs of this seed.
         analyses.append(Analysis(f"E7-calibration-s{s}", "E7", (f"E1-baseline-s{s}", f"E1-dct_attn-s{s}"), s))
     # Experiment-major (all seeds of E1, then E2, ...): each experiment's comparison completes as
