@@ -201,15 +201,17 @@ def _lm_run(scale: str, experiment: str, group: str, layout: str, seed: int, *, 
             sets: tuple[str, ...] = (), epochs: float | None = None, family: str = "lm", skip: str = "",
             prepare: str = "", max_steps: int = 0, extra: tuple[float, int] = (0.0, 0),
             eval_tokens: int = WT2_EVAL) -> RunSpec:
-    """extra: (training tokens added per main token, evaluation tokens added), e.g. a mixture's;
-    eval_tokens: every validation pass plus the test pass, for the estimates."""
+    """epochs: passes over the task's training split (default: the scale's budget); extra: (training
+    tokens added per main token, evaluation tokens added), e.g. a mixture's; eval_tokens: every
+    validation pass plus the test pass, for the estimates."""
     b = LM[scale]
+    epochs = epochs or b.epochs
     preset = "tiny" if scale == "smoke" else "paper-17m"
     budget = []
     if scale != "smoke":
         budget = [f"train.max_steps={max_steps}"] if max_steps else [f"train.epochs={epochs}"]
     per_epoch = PAPER_EPOCH_TOKENS.get(task, b.train_tokens_wt2)
-    tokens = (max_steps * b.batch * b.seq_len) if max_steps else int((epochs or 1.0) * per_epoch)
+    tokens = (max_steps * b.batch * b.seq_len) if max_steps else int(epochs * per_epoch)
     if scale == "smoke":
         tokens = 2 * b.batch * b.seq_len
     eval_tokens = 0 if scale == "smoke" else eval_tokens + extra[1]
@@ -266,11 +268,11 @@ def build_matrix(scale: str, seeds: int | None = None) -> Matrix:
         # E1: the small corpus (paper scale: WikiText-2 train itself).
         e1_task = "wikitext2" if scale == "paper" else "wikitext2-proxy"
         for layout in ("baseline", "dct_attn"):
-            runs.append(_lm_run(scale, "E1", layout, layout, s, task=e1_task, epochs=b.epochs))
+            runs.append(_lm_run(scale, "E1", layout, layout, s, task=e1_task))
         # E2: the larger naturalistic corpus at E1's token budget (paper: WikiText-103 itself).
         for layout in ("baseline", "dct_attn"):
             if scale == "paper":
-                runs.append(_lm_run(scale, "E2", layout, layout, s, task="wikitext103", epochs=10.0))
+                runs.append(_lm_run(scale, "E2", layout, layout, s, task="wikitext103"))
             else:
                 e1_steps = 0 if scale == "smoke" else round(b.epochs * b.train_tokens_wt2 / (b.batch * b.seq_len))
                 files = ("data.train_files=[{data}/train.txt]", "data.val_files=[{data}/val.txt]",
@@ -284,15 +286,14 @@ def build_matrix(scale: str, seeds: int | None = None) -> Matrix:
                             ("threshold", ("model.routing=threshold",)),
                             ("threshold-reg", ("model.routing=threshold", "model.collapse_reg=0.01",
                                                "model.collapse_form=reference"))):
-            runs.append(_lm_run(scale, "E3", group, "three_op", s, task=e3_task, sets=sets, epochs=b.epochs,
-                                family="lm-three_op"))
+            runs.append(_lm_run(scale, "E3", group, "three_op", s, task=e3_task, sets=sets, family="lm-three_op"))
         # E4: entropy vs random routing at equal shares, and the share sweep.
         for share in (0.25, 0.5):
             for routing in ("quantile", "random"):
-                runs.append(_lm_run(scale, "E4", f"{routing}-{share}", "dct_attn", s, task=e3_task, epochs=b.epochs,
+                runs.append(_lm_run(scale, "E4", f"{routing}-{share}", "dct_attn", s, task=e3_task,
                                     sets=(f"model.routing={routing}", f"model.attn_fraction={share}")))
         for group, layout in (("share-0", "D,D,D,A"), ("share-1", "D,A,A,A")):
-            runs.append(_lm_run(scale, "E4", group, layout, s, task=e3_task, epochs=b.epochs))
+            runs.append(_lm_run(scale, "E4", group, layout, s, task=e3_task))
         # E5: classification, baseline vs DCT+Attn.
         for task in ("imdb", "listops-flat", "listops"):
             sets, tokens, eval_tokens = CLS_SETS[task][scale]
@@ -302,9 +303,9 @@ def build_matrix(scale: str, seeds: int | None = None) -> Matrix:
         mix_sets, mix_prepare = MIX_SETS[scale]
         for group, sets in (("gate-causal", ("model.meta_router=causal",)),
                             ("gate-batch_mean", ("model.meta_router=batch_mean", "model.allow_noncausal=true"))):
-            runs.append(_lm_run(scale, "E6", group, "dct_attn", s, task=e3_task, sets=sets, epochs=b.epochs))
+            runs.append(_lm_run(scale, "E6", group, "dct_attn", s, task=e3_task, sets=sets))
             runs.append(_lm_run(scale, "E6", f"mixed-{group}", "dct_attn", s, task=e3_task, sets=(*sets, *mix_sets),
-                                epochs=b.epochs, prepare=mix_prepare, extra=MIX_EXTRA))
+                                prepare=mix_prepare, extra=MIX_EXTRA))
         # E7: analysis over E1's pair of runs of this seed.
         analyses.append(Analysis(f"E7-calibration-s{s}", "E7", (f"E1-baseline-s{s}", f"E1-dct_attn-s{s}"), s))
     # Experiment-major (all seeds of E1, then E2, ...): each experiment's comparison completes as
