@@ -64,7 +64,6 @@ class RunSpec:
     family: str  # model family for the time estimate (tokens/s differ by family)
     train_tokens: int  # estimated training tokens (for the estimate)
     eval_tokens: int  # estimated evaluation tokens (validation passes and the one test pass)
-    skip: str = ""  # a reason not to run (yet), shown in the plan
     prepare: str = ""  # a data-preparation step the run needs first (run.PREPARE)
 
     def all_sets(self) -> list[str]:
@@ -198,27 +197,26 @@ PAPER_NOTES = {"all": ["the published protocol (SPEC §2); needs a GPU and the d
 
 
 def _lm_run(scale: str, experiment: str, group: str, layout: str, seed: int, *, task: str = "wikitext2-proxy",
-            sets: tuple[str, ...] = (), epochs: float | None = None, family: str = "lm", skip: str = "",
+            sets: tuple[str, ...] = (), family: str = "lm",
             prepare: str = "", max_steps: int = 0, extra: tuple[float, int] = (0.0, 0),
             eval_tokens: int = WT2_EVAL) -> RunSpec:
-    """epochs: passes over the task's training split (default: the scale's budget); extra: (training
+    """The scale's budget (b.epochs over the task's training split, or max_steps); extra: (training
     tokens added per main token, evaluation tokens added), e.g. a mixture's; eval_tokens: every
     validation pass plus the test pass, for the estimates."""
     b = LM[scale]
-    epochs = epochs or b.epochs
     preset = "tiny" if scale == "smoke" else "paper-17m"
     budget = []
     if scale != "smoke":
-        budget = [f"train.max_steps={max_steps}"] if max_steps else [f"train.epochs={epochs}"]
+        budget = [f"train.max_steps={max_steps}"] if max_steps else [f"train.epochs={b.epochs}"]
     per_epoch = PAPER_EPOCH_TOKENS.get(task, b.train_tokens_wt2)
-    tokens = (max_steps * b.batch * b.seq_len) if max_steps else int(epochs * per_epoch)
+    tokens = (max_steps * b.batch * b.seq_len) if max_steps else int(b.epochs * per_epoch)
     if scale == "smoke":
         tokens = 2 * b.batch * b.seq_len
     eval_tokens = 0 if scale == "smoke" else eval_tokens + extra[1]
     batch_sets = () if scale == "paper" else (f"train.batch_size={b.batch}",)  # paper: the preset's 128
     return RunSpec(f"{experiment}-{group}-s{seed}", experiment, group, task, preset, layout,
                    (*batch_sets, *b.task_sets, *budget, *sets), seed, family, int(tokens * (1 + extra[0])),
-                   eval_tokens, skip, prepare)
+                   eval_tokens, prepare)
 
 
 def _cls_run(scale: str, experiment: str, group: str, task: str, layout: str, seed: int, sets: tuple[str, ...],

@@ -121,7 +121,7 @@ class Row:
 
 def _paper_command(claim: str) -> str:
     paper = build_matrix("paper")
-    runs = [r for r in paper.runs if r.experiment == claim and not r.skip]
+    runs = [r for r in paper.runs if r.experiment == claim]
     hours = sum(estimate_s(r, "paper", {}) for r in runs) / 3600
     return (f"`chiar reproduce --scale paper --only {claim}` (~{hours:.1f} GPU-hours for {len(runs)} runs at an assumed "
             f"{TOKENS_PER_S['paper']['lm']:,} tokens/s per GPU)")

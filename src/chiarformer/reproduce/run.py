@@ -98,8 +98,6 @@ def _duration(seconds: float) -> str:
 def status_of(spec: RunSpec, out: Path, results: Path, scale: str) -> str:
     """The record alone marks a run done: it is what gets committed, and run folders (checkpoints)
     do not outlive the machine or session that trained them."""
-    if spec.skip:
-        return "skip"
     if record_path(results, scale, spec.name).is_file():
         return "done"
     if (out / scale / spec.name / "results.json").is_file():
@@ -128,9 +126,9 @@ def plan_text(matrix: Matrix, out: Path, results: Path) -> str:
         for r in runs:
             state = status_of(r, out, results, scale)
             est = estimate_s(r, scale, rates)
-            total += 0 if state == "skip" else est
+            total += est
             todo += est if state in ("todo", "resume") else 0.0
-            label = {"skip": f"SKIP: {r.skip}", "done": "done", "record": "finished (record to write)",
+            label = {"done": "done", "record": "finished (record to write)",
                      "resume": "interrupted: resumes", "todo": "to run"}[state]
             lines.append(f"  {r.name:<34} {r.task:<16} {r.layout:<9} ~{r.train_tokens / 1e6:.2f}M tok  "
                          f"est {_duration(est):>7}  [{label}]")
@@ -335,9 +333,6 @@ def run_matrix(matrix: Matrix, out: Path, results_dir: Path, verbose: bool = Fal
         spec = item
         run_dir = out / scale / spec.name
         state = status_of(spec, out, results_dir, scale)
-        if state == "skip":
-            _say(f"{position} {spec.name}: skipped: {spec.skip}")
-            continue
         if state == "done":
             _say(f"{position} {spec.name}: done")
             continue
