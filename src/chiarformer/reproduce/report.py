@@ -382,25 +382,30 @@ def plot_curves(groups, path: Path, title: str) -> Path | None:
 
 
 def plot_e3_shares(groups, path: Path) -> Path | None:
+    """One panel per routing mode and routed layer (2, 3); one line per operator and seed."""
     plt = _plt()
-    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(3 * max(1, len(groups)), 2.6), squeeze=False)
+    layers = (1, 2)  # the routed layers of D, DAR, DAR, A
+    cols = max(1, len(groups))
+    fig, axes = plt.subplots(len(layers), cols, figsize=(3 * cols, 2.2 * len(layers)), squeeze=False, sharex=True)
     drawn = False
-    for ax, (group, runs) in zip(axes[0], groups.items(), strict=False):
-        curve = [p for p in runs[0]["curves"]["train"] if p.get("op_share")]
-        if not curve:
-            continue
-        steps = [p["step"] for p in curve]
-        for op in Op:
-            ax.plot(steps, [np.mean([p["op_share"][i][op] for i in (1, 2)]) for p in curve], label=op.label,
-                    color=OP_COLORS[op])
-        ax.set_title(f"{group} (seed {runs[0]['seed']})", fontsize=8)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("step", fontsize=8)
-        drawn = True
+    for col, (group, runs) in enumerate(groups.items()):
+        for row, layer in enumerate(layers):
+            ax = axes[row][col]
+            for r in runs:
+                curve = [p for p in r["curves"]["train"] if p.get("op_share")]
+                steps = [p["step"] for p in curve]
+                for op in Op:
+                    ax.plot(steps, [p["op_share"][layer][op] for p in curve], color=OP_COLORS[op], lw=0.9,
+                            alpha=0.8, label=op.label if r is runs[0] else None)
+                drawn = drawn or bool(curve)
+            ax.set_title(f"{group}, layer {layer + 1} ({len(runs)} seeds)", fontsize=8)
+            ax.set_ylim(0, 1)
+        axes[-1][col].set_xlabel("step", fontsize=8)
     if not drawn:
         plt.close(fig)
         return None
-    axes[0][0].set_ylabel("share of tokens (layers 2-3)", fontsize=8)
+    for row, layer in enumerate(layers):
+        axes[row][0].set_ylabel(f"share of tokens, layer {layer + 1}", fontsize=8)
     axes[0][0].legend(fontsize=7)
     return _save(plt, fig, path)
 
