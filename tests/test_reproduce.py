@@ -269,27 +269,58 @@ def test_cpu_runs_on_the_wikitext2_proxy_all_take_e1s_budget():
     assert {budget(r) for r in main_corpus} == {(epochs, batch)}
 
 
-def test_report_puts_e1s_ppl_beside_e3_and_calls_rbf_collapse_only_when_it_happens(tmp_path):
+def _lm_record(experiment, group, seed, ppl, rbf=0.0):
+    """A minimal finished LM run record, as the report reads it (RBF share `rbf` in layers 2-3)."""
+    share = [[1.0, 0.0, 0.0], [0.1, 0.9 - rbf, rbf], [0.1, 0.9 - rbf, rbf], [0.0, 1.0, 0.0]]
+    return {"name": f"{experiment}-{group}-s{seed}", "experiment": experiment, "group": group, "seed": seed,
+            "family": "lm", "task": "wikitext2-proxy", "test": {"ppl": ppl}, "unigram_ppl": 2000.0,
+            "op_share": share, "attn_shares": [0.9 - rbf, 0.9 - rbf], "curves": {"train": [], "val": []}}
+
+
+def _report_row(root, claim, records):
+    """The docs/claims.md row of `claim` written from exactly these records (scale cpu)."""
     from chiarformer.reproduce.report import write_report
 
-    def record(experiment, group, seed, ppl, rbf=0.0):
-        share = [[1.0, 0.0, 0.0], [0.1, 0.9 - rbf, rbf], [0.1, 0.9 - rbf, rbf], [0.0, 1.0, 0.0]]
-        return {"name": f"{experiment}-{group}-s{seed}", "experiment": experiment, "group": group, "seed": seed,
-                "family": "lm", "task": "wikitext2-proxy", "test": {"ppl": ppl}, "unigram_ppl": 2000.0,
-                "op_share": share, "attn_shares": [0.9 - rbf, 0.9 - rbf], "curves": {"train": [], "val": []}}
+    runs = root / "cpu"
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True)
+    for r in records:
+        (runs / f"{r['name']}.json").write_text(json.dumps(r))
+    write_report(root, "cpu", root / "claims.md", root / "figures")
+    return next(line for line in (root / "claims.md").read_text().splitlines() if line.startswith(f"| **{claim}**"))
 
-    (tmp_path / "cpu").mkdir()
-    claims = tmp_path / "claims.md"
 
+def test_report_puts_e1s_ppl_beside_e3_and_calls_rbf_collapse_only_when_it_happens(tmp_path):
     def e3_row(rbf):
-        runs = [record("E1", "baseline", s, 870.0 + s) for s in range(3)]
-        runs += [record("E3", g, s, 950.0 + s, rbf) for g in ("soft", "hard") for s in range(3)]
-        for r in runs:
-            (tmp_path / "cpu" / f"{r['name']}.json").write_text(json.dumps(r))
-        write_report(tmp_path, "cpu", claims, tmp_path / "figures")
-        return next(line for line in claims.read_text().splitlines() if line.startswith("| **E3**"))
+        runs = [_lm_record("E1", "baseline", s, 870.0 + s) for s in range(3)]
+        runs += [_lm_record("E3", g, s, 950.0 + s, rbf) for g in ("soft", "hard") for s in range(3)]
+        return _report_row(tmp_path, "E3", runs)
 
     row = e3_row(rbf=0.9)
     assert "E1 baseline (same data, budget and seeds): test PPL 871.00" in row
     assert "| contradicted" in row and "RBF share 90.0" in row
     assert "| supported" in e3_row(rbf=0.001)
+
+
+def test_report_gives_no_verdict_before_three_seeds_a_side(tmp_path):
+    # The issue's rule: a verdict rests on at least 3 seeds. Runs land one at a time, so the
+    # report must say "no verdict yet" in between, not judge on one or two seeds.
+    def e4(n_seeds, random_ppl):
+        runs = [_lm_record("E4", "quantile-0.25", s, 900.0 + s) for s in range(n_seeds)]
+        runs += [_lm_record("E4", "random-0.25", s, random_ppl + s) for s in range(n_seeds)]
+        return _report_row(tmp_path, "E4", runs)
+
+    for n in (1, 2):
+        assert "no verdict yet (fewer than 3 seeds a side) at 0.25" in e4(n, 990.0)
+    assert "entropy routing better at 0.25" in e4(3, 990.0)
+    assert "entropy routing no better than random at 0.25" in e4(3, 900.5)
+
+    def e3(n_hard):
+        runs = [_lm_record("E3", "soft", s, 950.0, rbf=0.9) for s in range(3)]
+        runs += [_lm_record("E3", "hard", s, 950.0, rbf=0.9) for s in range(n_hard)]
+        return _report_row(tmp_path, "E3", runs)
+
+    assert "| no verdict yet" in e3(2) and "| contradicted" in e3(3)
+
+    e1 = [_lm_record("E1", "baseline", s, 870.0 + s) for s in range(3)]
+    assert "| no verdict yet" in _report_row(tmp_path, "E1", e1 + [_lm_record("E1", "dct_attn", 0, 990.0)])

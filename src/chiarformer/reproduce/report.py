@@ -25,6 +25,8 @@ from .run import TOKENS_PER_S, estimate_s
 SUPPORTED, CONTRADICTED, NO_DIFF = "supported", "contradicted", "no detectable difference at this scale"
 NOT_TESTABLE, NOT_RUN = "not testable here", "not run yet"
 ALPHA = 0.05
+MIN_SEEDS = 3  # the issue's rule: a verdict rests on at least 3 seeds a side
+NO_VERDICT_YET = f"no verdict yet (fewer than {MIN_SEEDS} seeds a side)"
 # An LM run has clearly learned when its test PPL is below this share of the unigram PPL of its
 # data (the issue's "far below the unigram PPL"); a verdict that rests on a run that has not is
 # withheld, since a model stuck at the unigram solution says nothing about its operators.
@@ -66,15 +68,18 @@ def test_metric(record: dict) -> float | None:
 
 
 # --------------------------------------------------------------------------- statistics
+
+
 @dataclass
 class Comparison:
     better: str | None  # "a", "b" or None (no detectable difference / no verdict)
     test: str  # what was used, with its result
+    tested: bool = True  # False: too few seeds for any verdict
 
 
 def compare(a: list[float], b: list[float], lower_is_better: bool) -> Comparison:
-    if len(a) < 2 or len(b) < 2:
-        return Comparison(None, f"{min(len(a), len(b))} seed(s) on one side: no test")
+    if min(len(a), len(b)) < MIN_SEEDS:
+        return Comparison(None, f"{min(len(a), len(b))} seed(s) on one side: no test before {MIN_SEEDS}", tested=False)
     mean_a, mean_b = float(np.mean(a)), float(np.mean(b))
     a_wins = mean_a < mean_b if lower_is_better else mean_a > mean_b
     try:
@@ -134,8 +139,10 @@ def _pair(groups, a: str, b: str, lower_is_better: bool):
 
 
 def _direction_verdict(cmp: Comparison, expected: str) -> str:
+    if not cmp.tested:
+        return NO_VERDICT_YET
     if cmp.better is None:
-        return NO_DIFF if "seed(s) on one side" not in cmp.test else "no verdict (fewer than 2 seeds)"
+        return NO_DIFF
     return SUPPORTED if cmp.better == expected else CONTRADICTED
 
 
@@ -188,6 +195,8 @@ def claim_e3(groups, e1_groups, figure: str) -> Row:
             parts.append(f"E1 {layout} (same data, budget and seeds): test PPL {values_text(ppl)}")
     if not learned:
         verdict = "no verdict (no learned-router runs)"
+    elif min(len(groups[g]) for g in learned) < MIN_SEEDS:
+        verdict = f"{NO_VERDICT_YET} (RBF shares so far above)"
     elif len(collapsed) == len(learned):
         verdict = f"{SUPPORTED} (RBF under 1% of tokens in every seed of {', '.join(collapsed)})"
     elif collapsed:
@@ -212,7 +221,9 @@ def claim_e4(groups, figure: str) -> Row:
         got = ", ".join(_shares(r) for r in groups[f"quantile-{share}"])
         parts.append(f"share {share}: entropy {values_text(ent)} vs random {values_text(rnd)} test PPL "
                      f"({cmp.test}; entropy runs' achieved shares {got})")
-        if cmp.better == "a":
+        if not cmp.tested:
+            verdicts.append(f"{NO_VERDICT_YET} at {share}")
+        elif cmp.better == "a":
             verdicts.append(f"entropy routing better at {share}")
         elif cmp.better == "b":
             verdicts.append(f"random routing better at {share}")
