@@ -68,8 +68,6 @@ def test_metric(record: dict) -> float | None:
 
 
 # --------------------------------------------------------------------------- statistics
-
-
 @dataclass
 class Comparison:
     better: str | None  # "a", "b" or None (no detectable difference / no verdict)
