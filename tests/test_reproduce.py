@@ -153,7 +153,7 @@ def test_reproduce_smoke_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CHIAR_CACHE_DIR", str(tmp_path / "cache"))
     out, results = tmp_path / "runs", tmp_path / "results"
     args = ["reproduce", "--scale", "smoke", "--out", str(out), "--results", str(results)]
-    runnable = [r for r in build_matrix("smoke").runs]
+    runnable = build_matrix("smoke").runs
 
     # An interrupted run: E1-dct_attn stops right after its checkpoint at step 1 of 2.
     real_save = Trainer.save_checkpoint

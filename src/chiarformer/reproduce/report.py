@@ -27,6 +27,7 @@ NOT_TESTABLE, NOT_RUN = "not testable here", "not run yet"
 ALPHA = 0.05
 MIN_SEEDS = 3  # the issue's rule: a verdict rests on at least 3 seeds a side
 NO_VERDICT_YET = f"no verdict yet (fewer than {MIN_SEEDS} seeds a side)"
+THREE_OP_ROUTED = (1, 2)  # 0-based: the routed layers 2-3 of three_op (D, DAR, DAR, A)
 # An LM run has clearly learned when its test PPL is below this share of the unigram PPL of its
 # data (the issue's "far below the unigram PPL"); a verdict that rests on a run that has not is
 # withheld, since a model stuck at the unigram solution says nothing about its operators.
@@ -178,7 +179,7 @@ def claim_e3(groups, e1_groups, figure: str) -> Row:
         return Row("E3", "-", f"{NOT_RUN}: `chiar reproduce --only E3`", figure)
     parts, collapsed, learned = [], [], []
     for group, runs in groups.items():
-        rbf = [float(np.mean([r["op_share"][i][2] for i in (1, 2)])) for r in runs if r.get("op_share")]
+        rbf = [float(np.mean([r["op_share"][i][Op.RBF] for i in THREE_OP_ROUTED])) for r in runs if r.get("op_share")]
         ppl = [test_metric(r) for r in runs if test_metric(r) is not None]
         parts.append(f"{group}: RBF share {values_text([100 * x for x in rbf], 1)}%, test PPL {values_text(ppl)}")
         if group in ("soft", "hard"):  # learned routers: collapse is a finding; threshold bands fix the shares
@@ -393,7 +394,7 @@ def plot_curves(groups, path: Path, title: str) -> Path | None:
 def plot_e3_shares(groups, path: Path) -> Path | None:
     """One panel per routing mode and routed layer (2, 3); one line per operator and seed."""
     plt = _plt()
-    layers = (1, 2)  # the routed layers of D, DAR, DAR, A
+    layers = THREE_OP_ROUTED
     cols = max(1, len(groups))
     fig, axes = plt.subplots(len(layers), cols, figsize=(3 * cols, 2.2 * len(layers)), squeeze=False, sharex=True)
     drawn = False
